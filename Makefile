@@ -1,0 +1,52 @@
+# One command each: `make demo` (set up + run the main job), `make test` (set up + run the tests).
+# The venv is built on first use; TORCH pins the CPU wheel this project is tested with.
+VENV  ?= .venv
+TORCH ?= torch==2.13.0
+PY    := $(VENV)/bin/python
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-nbs test-py check-export export clean-nbs readme lab bench
+
+setup: $(STAMP)
+
+$(STAMP): setup.py settings.ini
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tests/benchmarks/bench_norm.py --repeats 10
+
+test: $(STAMP) check-export test-nbs test-py
+
+# The package is generated from nbs/: a fresh export must not change it.
+check-export: $(STAMP)
+	@rm -rf .export-check && cp -r batchless_nb .export-check
+	$(BIN)/nbdev_export
+	@diff -r -x __pycache__ .export-check batchless_nb > /dev/null || { diff -r -x __pycache__ .export-check batchless_nb; rm -rf .export-check; echo "batchless_nb/ differs from a fresh nbdev_export of nbs/: export and commit both"; exit 1; }
+	@rm -rf .export-check
+
+test-nbs: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2
+
+test-py: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+# nbdev_readme needs Quarto; nbconvert renders nbs/index.ipynb to README.md offline.
+readme: $(STAMP)
+	$(BIN)/jupyter nbconvert --to markdown --RegexRemovePreprocessor.patterns='["^\\#\\| ?hide"]' --execute --output-dir . --output README nbs/index.ipynb
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab nbs
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_norm.py

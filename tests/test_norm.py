@@ -187,11 +187,15 @@ def test_non_finite_input():
 def test_unused_nll_warns():
     layer = BatchlessNorm1d(3)
     x = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for _ in range(3): (layer(x).sum() + batchless_loss(layer)).backward()
+        for _ in range(3): layer(x).sum().backward(); layer.nll.backward()  # used directly: fine too
+        with torch.no_grad(): layer(x); layer(x)  # no gradient: nothing could have been trained
     with pytest.warns(UnusedNLLWarning, match=r"batchless_loss\(model\)"):
         layer(x).sum().backward(); layer(x)
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        (layer(x).sum() + batchless_loss(layer)).backward(); layer(x)
         layer.eval(); layer(x).sum().backward(); layer(x)  # eval computes no NLL: nothing to forget
 
 

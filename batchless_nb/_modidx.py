@@ -105,4 +105,10 @@ d = { 'settings': { 'branch': 'main',
                                    'batchless_nb.norm.param_from_std': ('norm.html#param_from_std', 'batchless_nb/norm.py'),
                                    'batchless_nb.norm.stat_parameters': ('norm.html#stat_parameters', 'batchless_nb/norm.py'),
                                    'batchless_nb.norm.std_from_param': ('norm.html#std_from_param', 'batchless_nb/norm.py'),
-                                   'batchless_nb.norm.to_batchnorm': ('norm.html#to_batchnorm', 'batchless_nb/norm.py')}}}
+                                   'batchless_nb.norm.to_batchnorm': ('norm.html#to_batchnorm', 'batchless_nb/norm.py')},
+            'batchless_nb.stats': { 'batchless_nb.stats.NaturalGradientSGD': ('stats.html#naturalgradientsgd', 'batchless_nb/stats.py'),
+                                    'batchless_nb.stats.NaturalGradientSGD.__init__': ( 'stats.html#naturalgradientsgd.__init__',
+                                                                                        'batchless_nb/stats.py'),
+                                    'batchless_nb.stats.NaturalGradientSGD.step': ( 'stats.html#naturalgradientsgd.step',
+                                                                                    'batchless_nb/stats.py'),
+                                    'batchless_nb.stats._inverse_fisher': ('stats.html#_inverse_fisher', 'batchless_nb/stats.py')}}}

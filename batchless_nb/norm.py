@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STD_PARAMS', 'NLL_REDUCTIONS', 'std_from_param', 'param_from_std', 'batchless_norm', 'batchless_norm_reference',
-           'UnusedNLLWarning', 'BatchlessNorm', 'BatchlessNorm1d', 'BatchlessNorm2d', 'BatchlessNorm3d',
-           'batchless_modules', 'batchless_loss', 'stat_parameters', 'batchless_param_groups', 'convert_batchnorm',
-           'to_batchnorm', 'fold_into', 'fold_batchless']
+__all__ = ['STD_PARAMS', 'NLL_REDUCTIONS', 'std_from_param', 'param_from_std', 'NonFiniteActivationError', 'batchless_norm',
+           'batchless_norm_reference', 'UnusedNLLWarning', 'BatchlessNorm', 'BatchlessNorm1d', 'BatchlessNorm2d',
+           'BatchlessNorm3d', 'batchless_modules', 'batchless_loss', 'stat_parameters', 'batchless_param_groups',
+           'convert_batchnorm', 'to_batchnorm', 'fold_into', 'fold_batchless']
 
 # %% ../nbs/01_norm.ipynb #fe270b40
 STD_PARAMS = {'log': 'log_std', 'abs': 'std', 'inv': 'inv_std'}  # parametrization -> parameter name
@@ -70,9 +70,12 @@ def _channel_stats(x:Tensor, channel_dim:int, dtype:torch.dtype) -> tuple[Tensor
         return mean.to(dtype), var.to(dtype)
 
 # %% ../nbs/01_norm.ipynb #b8176554
+class NonFiniteActivationError(ValueError):
+    "Non-finite activations reached a BatchlessNorm layer in training; its statistics were left unchanged"
+
 def _raise_non_finite(mean:Tensor, var:Tensor):
     bad = ~torch.isfinite(mean + var)
-    raise ValueError(f"BatchlessNorm expected finite activations in training (got NaN or inf in {int(bad.sum())} of "
+    raise NonFiniteActivationError(f"BatchlessNorm expected finite activations in training (got NaN or inf in {int(bad.sum())} of "
                      f"{bad.numel()} channels); the learned mean/std were left unchanged. Check the layers before it or "
                      "the learning rate, or pass check_finite=False to let the NLL become NaN (e.g. for AMP loss scaling).")
 

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from .core import set_seed, default_device
 from .norm import batchless_modules, batchless_loss, batchless_param_groups, NonFiniteActivationError
 from .init import init_batchless
+from .stats import NaturalGradientSGD
 
 # %% auto #0
-__all__ = ['EVENTS', 'Callback', 'CancelFitException', 'NonFiniteLossError', 'atomic_write', 'save_json', 'Learner', 'Recorder',
-           'ProgressCB', 'Checkpoint', 'StatsTracker', 'InitBatchless']
+__all__ = ['EVENTS', 'STATS_UPDATES', 'Callback', 'CancelFitException', 'NonFiniteLossError', 'atomic_write', 'save_json',
+           'Learner', 'Recorder', 'ProgressCB', 'Checkpoint', 'StatsTracker', 'InitBatchless']
 
 # %% ../nbs/03_learner.ipynb #97398ddb
 EVENTS = ('before_fit', 'before_epoch', 'before_batch', 'after_loss', 'after_backward', 'after_step', 'after_batch',
@@ -179,6 +180,8 @@ def _check_batch(batch) -> tuple[Tensor, Tensor]:
                      "give the DataLoader a collate_fn that returns (inputs, targets)")
 
 # %% ../nbs/03_learner.ipynb #181ae557
+STATS_UPDATES = ('paper', 'natural')
+
 class Learner:
     "Train `model` on `dls` with `loss_func` + the BlN NLL, accumulating micro-batches into each effective batch"
     def __init__(self,
@@ -188,7 +191,9 @@ class Learner:
         opt_func=torch.optim.Adam, # Optimizer class, called with parameter groups and `lr`
         lr:float=1e-3, # Learning rate
         wd:float=0.0, # Weight decay for every parameter except the BlN statistics
-        stats_lr:float|None=None, # Learning rate of the BlN statistics (mean, std); None: `lr`
+        stats_lr:float|None=None, # Learning rate of the BlN statistics (mean, std) with `stats_update='paper'`; None: `lr`
+        stats_update:str='paper', # How the BlN statistics learn: 'paper' (by `opt_func`, as the paper) or 'natural' (`NaturalGradientSGD`)
+        stats_eta:float=0.1, # With 'natural': the weight of each batch in the statistics' moving average
         micro_batch_size:int|None=None, # Samples per forward/backward; None: the whole batch
         cbs:list|None=None, # Callbacks besides the defaults (a `Recorder`, and a `ProgressCB` if `progress`)
         device=None, # None: `default_device()` (cuda > mps > cpu)
@@ -200,6 +205,8 @@ class Learner:
         log_every:int|None=None, # Steps per record in `history['steps']`; None: about 50 per epoch
     ):
         if seed is not None: set_seed(seed)
+        if stats_update not in STATS_UPDATES:
+            raise ValueError(f"stats_update must be one of {STATS_UPDATES} (got {stats_update!r})")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive number of samples or None (got {micro_batch_size})")
         self.device = default_device(device)
@@ -214,7 +221,12 @@ class Learner:
             valid = None if valid is None else _shard(valid)
         self.train_dl, self.valid_dl = train, valid
         self._order_gens = _order_generators(train)
-        self.opt = opt_func([g for g in batchless_param_groups(self.model, wd, stats_lr) if g['params']], lr=lr)
+        self.layers = batchless_modules(self.model)  # name -> BatchlessNorm, module order
+        self.stats_update = stats_update
+        groups = batchless_param_groups(self.model, wd, stats_lr)
+        natural = stats_update == 'natural' and bool(self.layers)
+        self.opt = opt_func([g for g in (groups[:1] if natural else groups) if g['params']], lr=lr)
+        self.stats_opt = NaturalGradientSGD(self.model, stats_eta) if natural else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         fwd = self.model
         if self.distributed:
@@ -222,11 +234,15 @@ class Learner:
             fwd = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if compile: fwd = torch.compile(fwd, **({} if compile is True else {'backend': compile}))
         self._fwd, self._ddp = fwd, self.distributed
-        self.layers = batchless_modules(self.model)  # name -> BatchlessNorm, module order
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.history = {'epochs': [], 'steps': [], 'stats': []}
         self._epoch_order, self._pending_rng = None, None
         self.cbs = [Recorder(log_every)] + ([ProgressCB()] if progress and _rank() == 0 else []) + list(cbs or [])
+
+    @property
+    def opts(self) -> list:
+        "The optimizers a step runs: `opt`, and `stats_opt` with `stats_update='natural'`"
+        return [self.opt] + ([] if self.stats_opt is None else [self.stats_opt])
 
     @property
     def batch_size(self) -> int:
@@ -280,17 +296,20 @@ def _one_batch(self:Learner, batch):
         sync = self._fwd.no_sync() if self._ddp and i < len(parts) - 1 else contextlib.nullcontext()
         with sync: loss.backward()
     if bool(_all_sum(bad) > 0) or (self.scaler is None and not _grads_finite(self.model.parameters())):
-        self.opt.zero_grad(set_to_none=True)
+        for o in self.opts: o.zero_grad(set_to_none=True)
         what = 'loss' if bool(bad > 0) else 'gradients'
         raise NonFiniteLossError(f"non-finite {what} at step {self.step} (epoch {self.epoch}, batch "
                                  f"{self.step_in_epoch}); the parameters are those before this step and no checkpoint "
                                  "was written with them. Lower the learning rate, check the inputs, or try amp=None.")
     self._event('after_backward')
-    if self.scaler is not None: self.scaler.step(self.opt); self.scaler.update()
-    else: self.opt.step()
+    if self.scaler is not None:
+        for o in self.opts: self.scaler.step(o)
+        self.scaler.update()
+    else:
+        for o in self.opts: o.step()
     self.step += 1; self.step_in_epoch += 1
     self._event('after_step')
-    self.opt.zero_grad(set_to_none=True)
+    for o in self.opts: o.zero_grad(set_to_none=True)
     self._event('after_batch')
 
 Learner._one_batch = _one_batch
@@ -371,6 +390,7 @@ def _state_dict(self:Learner) -> dict:
     "Everything needed to continue training exactly"
     mid = self.step_in_epoch > 0 and self._epoch_order is not None
     return {'model': self.model.state_dict(), 'opt': self.opt.state_dict(),
+            'stats_opt': None if self.stats_opt is None else self.stats_opt.state_dict(),
             'scaler': None if self.scaler is None else self.scaler.state_dict(),
             'epoch': self.epoch, 'step': self.step, 'step_in_epoch': self.step_in_epoch,
             'order': self._epoch_order if mid else [g.get_state() for g in self._order_gens],
@@ -392,7 +412,11 @@ def _load(self:Learner,
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}; train with a Checkpoint callback or call save first")
     sd = torch.load(path, map_location=self.device, weights_only=True)
     self.model.load_state_dict(sd['model'])
+    if (sd.get('stats_opt') is None) != (self.stats_opt is None):
+        raise ValueError(f"the checkpoint was saved with stats_update='{'paper' if sd.get('stats_opt') is None else 'natural'}' "
+                         f"and this learner has stats_update='{self.stats_update}'; resume with the same setting")
     self.opt.load_state_dict(sd['opt'])
+    if self.stats_opt is not None: self.stats_opt.load_state_dict(sd['stats_opt'])
     if (sd['scaler'] is None) != (self.scaler is None):
         raise ValueError(f"the checkpoint was saved with{'out' if sd['scaler'] is None else ''} an fp16 GradScaler and this "
                          f"learner has{' none' if self.scaler is None else ' one'}; use the same amp setting")

@@ -26,11 +26,11 @@ def data(): return get_data('digits')
 def params(learn): return torch.cat([p.detach().flatten() for p in learn.model.parameters()])
 
 
-def train(data, norm, micro_batch_size, model='mlp', epochs=1, dtype=torch.float64, batch_size=64, **kw):
+def train(data, norm, micro_batch_size, model='mlp', epochs=1, dtype=torch.float64, batch_size=64, learner_kw=None, **kw):
     set_seed(0)
     m = get_model(model, norm, input_shape=data.input_shape, dropout=0.0, **kw).to(dtype)
     learn = Learner(m, dataloaders(data, batch_size=batch_size, seed=0), micro_batch_size=micro_batch_size,
-                    progress=False, device='cpu')
+                    progress=False, device='cpu', **(learner_kw or {}))
     learn.fit(epochs)
     return learn
 
@@ -47,6 +47,22 @@ def test_micro_batch_equivalence_float64(data, norm, model):
         h, hw = learn.history['epochs'][-1], whole.history['epochs'][-1]
         assert h['train_loss'] == pytest.approx(hw['train_loss'], rel=1e-12)
         assert h['train_nll'] == pytest.approx(hw['train_nll'], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize('norm', ['bln-log', 'bln-abs', 'bln-inv'])
+@pytest.mark.parametrize('model', ['mlp', 'digits_cnn'])
+def test_micro_batch_equivalence_natural_float64(data, norm, model):
+    "The natural-gradient statistics step on the accumulated gradient: micro-batches of 1 and 7 == whole batches"
+    kw = dict(learner_kw=dict(stats_update='natural', stats_eta=0.3))
+    whole = train(data, norm, None, model, **kw)
+    assert whole.stats_opt is not None and all(len(g['params']) == 2 for g in whole.stats_opt.param_groups)
+    ref = params(whole)
+    for mbs in (1, 7):
+        learn = train(data, norm, mbs, model, **kw)
+        assert (params(learn) - ref).abs().max() <= 1e-9 * ref.abs().max()
+        assert learn.history['epochs'][-1]['train_nll'] == pytest.approx(whole.history['epochs'][-1]['train_nll'], rel=1e-9, abs=1e-12)
+    paper = train(data, norm, None, model)  # and the statistics did take another path than under Adam
+    assert (params(paper) - ref).abs().max() > 1e-3
 
 
 def test_micro_batch_equivalence_float32(data):
@@ -66,11 +82,11 @@ class StopAt(Callback):
         if learn.step == self.at: raise CancelFitException()
 
 
-def make(data, *cbs, norm='bln-log'):
+def make(data, *cbs, norm='bln-log', **kw):
     set_seed(0)
     m = get_model('digits_cnn', norm, input_shape=data.input_shape, dropout=0.25)
     return Learner(m, dataloaders(data, batch_size=64, seed=0), micro_batch_size=16, progress=False, device='cpu',
-                   cbs=[InitBatchless(n_samples=300), StatsTracker(every=5), *cbs], log_every=4)
+                   cbs=[InitBatchless(n_samples=300), StatsTracker(every=5), *cbs], log_every=4, **kw)
 
 
 def comparable(h):
@@ -101,6 +117,19 @@ def test_resume_mid_epoch(data, tmp_path):
     resumed.fit(1)
     assert torch.equal(params(resumed), params(straight))
     assert comparable(resumed.history) == comparable(straight.history)
+
+
+def test_resume_natural_stats(data, tmp_path):
+    "stats_update='natural' resumes exactly too, and a checkpoint of the other kind is refused"
+    kw = dict(stats_update='natural', stats_eta=0.05)
+    straight = make(data, **kw); straight.fit(2)
+    make(data, Checkpoint(tmp_path/'ckpt.pt', every_steps=10), StopAt(23), **kw).fit(2)
+    resumed = make(data, **kw).load(tmp_path/'ckpt.pt')
+    assert resumed.stats_opt.param_groups[0]['lr'] == 0.05
+    resumed.fit(1)
+    assert torch.equal(params(resumed), params(straight))
+    assert comparable(resumed.history) == comparable(straight.history)
+    with pytest.raises(ValueError, match="saved with stats_update='natural'"): make(data).load(tmp_path/'ckpt.pt')
 
 
 def test_resume_twice_in_one_process(data):

@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-nbs test-py check-export export clean-nbs readme lab bench
+.PHONY: setup demo test test-nbs test-py check-export export clean-nbs readme lab bench docs
 
 setup: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): setup.py settings.ini
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tests/benchmarks/bench_norm.py --repeats 10
+	$(BIN)/batchless-nb demo --out runs/demo
 
 test: $(STAMP) check-export test-nbs test-py
 
@@ -29,11 +29,12 @@ check-export: $(STAMP)
 	@diff -r -x __pycache__ .export-check batchless_nb > /dev/null || { diff -r -x __pycache__ .export-check batchless_nb; rm -rf .export-check; echo "batchless_nb/ differs from a fresh nbdev_export of nbs/: export and commit both"; exit 1; }
 	@rm -rf .export-check
 
+# One torch thread per process: the tests run two notebooks (or DDP ranks) at once on small models.
 test-nbs: $(STAMP)
-	$(BIN)/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 
 test-py: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 export: $(STAMP)
 	$(BIN)/nbdev_export
@@ -47,6 +48,11 @@ readme: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab nbs
+
+# The docs site, offline: executes nbs/, processes them with nbdev (show_doc), Sphinx writes _site/.
+# With Quarto installed, `nbdev_docs` builds nbdev's own site instead.
+docs: $(STAMP)
+	$(PY) nbs/_sphinx/build_docs.py --out _site
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_norm.py

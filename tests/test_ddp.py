@@ -1,0 +1,69 @@
+"""Data-parallel training: 2 processes (torchrun, gloo over loopback) end where 1 process with the same global batch ends.
+
+Both runs go through torchrun, so both use the DistributedSampler order (a plain single-process run shuffles with
+its own generator). The 2-process run also splits each local batch of 32 into micro-batches of 8.
+"""
+import json, os, socket, subprocess, sys
+import pytest
+import torch
+import torch.distributed as dist
+from batchless_nb.cli import _build_model
+from batchless_nb.data import get_data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, out, *args):
+    env = os.environ | {'OMP_NUM_THREADS': '1'}
+    if sys.platform == 'linux': env['GLOO_SOCKET_IFNAME'] = 'lo'  # loopback only: no network needed
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr', '127.0.0.1',
+           '--master_port', str(free_port()), '-m', 'batchless_nb.cli', 'sweep', '--model', 'mlp', '--norms', 'none',
+           'bln-log', '--stats-update', 'paper', 'natural', '--batch-sizes', '64', '--epochs', '1', '--dtype', 'float64', '--out', str(out), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp('ddp')
+    two = torchrun(2, d/'two', '--micro-batch-size', '8')
+    torchrun(1, d/'one')
+    return d, two
+
+
+@pytest.mark.parametrize('norm', ['none', 'bln-log', 'bln-log-natural0.1'])
+def test_two_processes_equal_one(runs, norm):
+    d, _ = runs
+    cell = f'cells/{norm}-bs64-seed0'
+    one, two = (torch.load(d/k/cell/'model.pt', weights_only=True) for k in ('one', 'two'))
+    assert one.keys() == two.keys()
+    for k in one:
+        assert (one[k] - two[k]).abs().max() <= 1e-9 * one[k].abs().max().clamp_min(1e-30), k
+    h1, h2 = (json.loads((d/k/cell/'metrics.json').read_text())['history'] for k in ('one', 'two'))
+    for r1, r2 in zip(h1['epochs'], h2['epochs'], strict=True):
+        for key in ('train_loss', 'train_nll', 'valid_loss', 'valid_acc', 'train_acc'):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-9, abs=1e-12), key
+    assert [s['step'] for s in h1['steps']] == [s['step'] for s in h2['steps']]
+
+
+def test_rank0_writes_once(runs):
+    d, two = runs
+    assert two.stdout.count('best_val_acc (rows') == 1  # the table is printed by rank 0 only
+    rows = json.loads((d/'two'/'results.json').read_text())['rows']
+    assert sorted(r['method'] for r in rows) == ['bln-log', 'bln-log/natural0.1', 'none']
+    assert not [p for p in (d/'two').rglob('*') if p.name.endswith('.tmp')]
+
+
+def test_sync_bn_needs_cuda(tmp_path):
+    "torch's SyncBatchNorm runs on GPUs only: on CPU --sync-bn says so (BlN needs no sync)"
+    if torch.cuda.is_available(): pytest.skip('CUDA present')
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
+    try:
+        cfg = dict(model='mlp', norm='bn', dropout=None, dtype='float32', sync_bn=True)
+        with pytest.raises(ValueError, match='--sync-bn needs CUDA'): _build_model(cfg, get_data('digits'))
+    finally: dist.destroy_process_group()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_viz.ipynb #270313de
 from __future__ import annotations
-import io, json
+import base64, io, json
 from pathlib import Path
 import numpy as np
 import matplotlib.pyplot as plt
@@ -478,7 +478,7 @@ class Explorer:
     def _repr_mimebundle_(self, **kwargs):
         "The widget, plus the current figure as a PNG for renderers without widgets (static docs, GitHub)"
         data = self.widget._repr_mimebundle_(**kwargs) or {}
-        return data | {'image/png': self.image.value}
+        return data | {'image/png': base64.b64encode(bytes(self.image.value)).decode()}  # str: notebooks store PNGs as base64
 
 class _LiveView(Callback):
     "Refresh an `Explorer` after each record of the learner's TrackStats"

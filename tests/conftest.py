@@ -6,6 +6,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    "Tiny models: one torch thread is fastest, and with other processes on the cores, extra threads spin-wait"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

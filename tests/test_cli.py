@@ -7,13 +7,7 @@ from batchless_nb.learner import Checkpoint
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These models are tiny: one torch thread is fastest, and with other processes on the cores, extra threads spin-wait"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 def test_python_m_train(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'batchless_nb.cli', 'train', '--model', 'mlp', '--epochs', '1', '--batch-size', '32',

@@ -11,13 +11,7 @@ from batchless_nb.learner import (Learner, Callback, CancelFitException, Checkpo
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These models are tiny: one torch thread is fastest, and with other processes on the cores, extra threads spin-wait"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def data(): return get_data('digits')

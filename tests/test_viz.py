@@ -20,13 +20,7 @@ from batchless_nb.viz import (plot_stats, plot_norm_error, plot_channel, plot_lo
 
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "These models are tiny: one torch thread is fastest, and with other processes on the cores, extra threads spin-wait"
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def direct_stats(model, x, channel_dims):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_cli.ipynb #742f2382
 from __future__ import annotations
-import argparse, contextlib, csv, dataclasses, io, json, os, statistics, sys, time
+import argparse, contextlib, csv, dataclasses, io, json, math, os, statistics, sys, time
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ from .data import get_data, dataloaders, DATASETS, VALID_MODES
 from .models import get_model, MODELS, NORMS
 from .norm import batchless_modules
 from .learner import Learner, Callback, Checkpoint, InitBatchless, StatsTracker, atomic_write, save_json, STATS_UPDATES
+from .track import TrackStats, norm_modules
 from torch.utils.data import TensorDataset
 
 # %% auto #0
@@ -126,6 +127,8 @@ def train(
     download:bool=False, # Download CIFAR-10 into `data_path` if missing
     checkpoint_every:int|None=None, # Also checkpoint every this many steps
     stats_every:int|None=None, # Record the BlN statistics every this many steps (and at epoch ends)
+    track_stats:bool=True, # Also write every norm layer's learned and true statistics to `out`/stats.npz, for `viz.explore` (single process)
+    track_batches:int|None=4, # Validation batches per record of the true statistics; None: all
     progress:bool=True, # Progress bars and per-epoch lines
     threads:int|None=None, # torch.set_num_threads (None: torch's default)
 ) -> dict: # {'config', 'summary', 'history'}, as in metrics.json
@@ -150,6 +153,9 @@ def train(
         if init or (init is None and has_bln): cbs.append(InitBatchless(n_samples=init_samples, passes=init_passes))
         if out is not None:
             cbs += [Checkpoint(ckpt, every_steps=checkpoint_every), _WriteMetrics(out/'metrics.json', config)]
+            if track_stats and norm_modules(net) and not dist.is_initialized():  # every rank would have to run the truth's forwards
+                every = stats_every or math.ceil(len(data.train) / batch_size)  # default: at epoch ends
+                cbs.append(TrackStats(every=every, n_batches=track_batches, path=out/'stats.npz'))
         learn = Learner(net, dataloaders(data, batch_size=batch_size, seed=seed), lr=lr, stats_lr=stats_lr, stats_update=stats_update, stats_eta=stats_eta, micro_batch_size=micro_batch_size,
                         cbs=cbs, device=dev, amp=amp, compile=compile, channels_last=channels_last, progress=progress, seed=seed)
         if resume and ckpt.exists():
@@ -333,6 +339,9 @@ def _add_train_args(p:argparse.ArgumentParser, sweep:bool=False):
     p.add_argument('--data-path', help='CIFAR-10 archive or directory')
     p.add_argument('--download', action='store_true', default=d(False), help='download CIFAR-10 into --data-path if missing')
     p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
+    p.add_argument('--track-stats', action=argparse.BooleanOptionalAction, default=d(True),
+                   help="write learned and true statistics of every norm layer to OUT/stats.npz (for viz.explore; single process)")
+    p.add_argument('--track-batches', type=int, default=d(4), help='validation batches per record of the true statistics')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch decides)')
 
 def _parser() -> argparse.ArgumentParser:

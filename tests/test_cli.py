@@ -14,7 +14,7 @@ def test_python_m_train(tmp_path):
                         '--out', str(tmp_path), '--no-progress', '--threads', '1'], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)['best_val_acc'] > 0.3
-    assert {p.name for p in tmp_path.iterdir()} == {'checkpoint.pt', 'config.json', 'metrics.json', 'model.pt'}
+    assert {p.name for p in tmp_path.iterdir()} == {'checkpoint.pt', 'config.json', 'metrics.json', 'model.pt', 'stats.npz'}
 
 
 def test_help_lists_commands():

@@ -43,5 +43,7 @@ class NaturalGradientSGD(torch.optim.Optimizer):
             f_mean, f_p = _inverse_fisher(mean, p, g['std_param'], g['eps'])
             step = g['lr'] * g['nll_scale']
             mean.sub_(step * f_mean * mean.grad)
-            p.sub_(step * f_p * p.grad)
+            delta = -step * f_p * p.grad
+            if g['std_param'] == 'log': p.add_(delta)
+            else: p.mul_(torch.exp(delta / p.where(p != 0, 1.0)))  # multiplicative: sigma or 1/sigma never crosses 0
         return loss

@@ -13,8 +13,8 @@ from .norm import BatchlessNorm, batchless_modules, std_from_param
 __all__ = ['NaturalGradientSGD']
 
 # %% ../nbs/01b_stats.ipynb #5f595d59
-def _inverse_fisher(mean:Tensor, p:Tensor, std_param:str, eps:float) -> tuple[Tensor, Tensor]:
-    "Per-channel inverse Fisher information of the Gaussian NLL for `mean` and the std parameter `p`"
+def _inverse_fisher(p:Tensor, std_param:str, eps:float) -> tuple[Tensor, Tensor]:
+    "Per-channel inverse Fisher information of the Gaussian NLL for the mean and for the std parameter `p`"
     _, inv_std = std_from_param(p, std_param, eps)
     var = 1 / inv_std.square()
     if std_param == 'log': return var, torch.full_like(p, 0.5)
@@ -40,7 +40,7 @@ class NaturalGradientSGD(torch.optim.Optimizer):
         for g in self.param_groups:
             mean, p = g['params']
             if mean.grad is None or p.grad is None: continue
-            f_mean, f_p = _inverse_fisher(mean, p, g['std_param'], g['eps'])
+            f_mean, f_p = _inverse_fisher(p, g['std_param'], g['eps'])
             step = g['lr'] * g['nll_scale']
             mean.sub_(step * f_mean * mean.grad)
             delta = -step * f_p * p.grad

@@ -4,14 +4,14 @@
 
 # %% ../nbs/05_cli.ipynb #742f2382
 from __future__ import annotations
-import argparse, contextlib, csv, dataclasses, io, json, math, os, statistics, sys, time
+import argparse, contextlib, csv, dataclasses, inspect, io, json, math, os, statistics, sys, time
 from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.distributed as dist
 from .core import set_seed, default_device
 from .data import get_data, dataloaders, DATASETS, VALID_MODES
-from .models import get_model, MODELS, NORMS
+from .models import get_model, MODELS, NORMS, NORM_POSITIONS
 from .norm import batchless_modules
 from .learner import Learner, Callback, Checkpoint, InitBatchless, StatsTracker, atomic_write, save_json, STATS_UPDATES
 from .track import TrackStats, norm_modules
@@ -79,12 +79,14 @@ def _num_threads(n:int|None):
 def _check_resumable(out:Path, config:dict):
     "Refuse to resume a run in `out` that was made with different settings"
     old = json.loads((out/'config.json').read_text())
-    diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
+    default = {k: p.default for k, p in inspect.signature(train).parameters.items()}  # for settings newer than the run
+    diff = {k: (old.get(k, default.get(k)), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k, default.get(k)) != v}
     if diff: raise ValueError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
                               "resume with the same settings or use another --out")
 
 def _build_model(config:dict, data) -> nn.Module:
     kw = {} if config['dropout'] is None else {'dropout': config['dropout']}
+    kw['norm_position'] = config.get('norm_position', 'after')
     model = get_model(config['model'], config['norm'], input_shape=data.input_shape, n_classes=data.n_classes, **kw)
     model = model.to(DTYPES[config['dtype']])
     if config['sync_bn'] and dist.is_initialized():
@@ -109,6 +111,7 @@ def train(
     train_samples:int|None=None, # Train on only the first this many training samples (e.g. for slow batch-1 runs); None: all
     seed:int=0, # Seed of the model's init, the data order and dropout
     dropout:float|None=None, # Dropout rate; None: the model's default (paper CNN 0.25)
+    norm_position:str='after', # Norm 'after' each activation (the paper) or 'before' it (layer -> norm -> LeakyReLU)
     init:bool|None=None, # Data-driven init of the BlN statistics; None: yes if the model has BlN layers
     init_samples:int=1000, # Samples for the data-driven init
     init_passes:int=2, # 2: mean then variance; 1: one pass, as the reference code
@@ -323,6 +326,8 @@ def _add_train_args(p:argparse.ArgumentParser, sweep:bool=False):
     p.add_argument('--train-samples', type=int, help='train on only the first N training samples (default: all)')
     p.add_argument('--micro-batch-size', type=int, help='samples in memory at once, per process (default: the whole batch)')
     p.add_argument('--dropout', type=float, help="override the model's dropout rate (paper CNN: 0.25)")
+    p.add_argument('--norm-position', choices=list(NORM_POSITIONS), default=d('after'),
+                   help="norm after each activation (the paper) or before it (layer -> norm -> LeakyReLU)")
     p.add_argument('--init', action=argparse.BooleanOptionalAction, default=None,
                    help='data-driven init of the BlN statistics (default: on for BlN models)')
     p.add_argument('--init-samples', type=int, default=d(1000))

@@ -10,7 +10,7 @@ from torch import nn
 from .norm import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d
 
 # %% auto #0
-__all__ = ['NORMS', 'MODELS', 'norm_layer', 'keras_init_', 'paper_cnn', 'digits_cnn', 'mlp', 'get_model']
+__all__ = ['NORMS', 'NORM_POSITIONS', 'MODELS', 'norm_layer', 'keras_init_', 'paper_cnn', 'digits_cnn', 'mlp', 'get_model']
 
 # %% ../nbs/02a_models.ipynb #3af275b9
 NORMS = ('none', 'bn', 'bln-abs', 'bln-log', 'bln-inv', 'gn', 'ln')
@@ -37,14 +37,18 @@ def norm_layer(
     return nn.LayerNorm(num_features) if dim == 1 else nn.GroupNorm(1, num_features)  # 'ln'
 
 # %% ../nbs/02a_models.ipynb #0b1cf2fc
+NORM_POSITIONS = ('after', 'before')
+
 def _stage(i:int, layer:nn.Conv2d|nn.Linear, norm:str, dropout:float, negative_slope:float, pool:bool=False,
-           **kwargs) -> list[tuple[str, nn.Module]]:
-    "Named modules of stage `i`: layer, LeakyReLU, norm, Dropout and, if `pool`, MaxPool 2"
+           norm_position:str='after', **kwargs) -> list[tuple[str, nn.Module]]:
+    "Named modules of stage `i`: layer, LeakyReLU, norm (after the activation, or before it), Dropout, MaxPool 2 if `pool`"
+    if norm_position not in NORM_POSITIONS:
+        raise ValueError(f"norm_position must be one of {NORM_POSITIONS} (got {norm_position!r})")
     conv = isinstance(layer, nn.Conv2d)
     width, dim = (layer.out_channels, 2) if conv else (layer.out_features, 1)
-    mods = [(f"{'conv' if conv else 'fc'}{i}", layer), (f'act{i}', nn.LeakyReLU(negative_slope)),
-            (f'norm{i}', norm_layer(norm, width, dim=dim, **kwargs)), (f'drop{i}', nn.Dropout(dropout))]
-    return mods + ([(f'pool{i}', nn.MaxPool2d(2))] if pool else [])
+    act, nrm = (f'act{i}', nn.LeakyReLU(negative_slope)), (f'norm{i}', norm_layer(norm, width, dim=dim, **kwargs))
+    mods = [(f"{'conv' if conv else 'fc'}{i}", layer)] + ([act, nrm] if norm_position == 'after' else [nrm, act])
+    return mods + [(f'drop{i}', nn.Dropout(dropout))] + ([(f'pool{i}', nn.MaxPool2d(2))] if pool else [])
 
 def _check_size(name:str, input_size:int|tuple, factor:int) -> tuple[int, int]:
     "(H, W) of `input_size`, checked to survive pooling down by `factor`"
@@ -70,12 +74,13 @@ def paper_cnn(
     n_classes:int=10, # Output logits
     input_size:int|tuple=32, # Input height and width (at least 8 for the three 2x poolings)
     negative_slope:float=0.3, # LeakyReLU slope; 0.3 is Keras' default, used by the reference
+    norm_position:str='after', # 'after' the activation (the paper) or 'before' it (conv -> norm -> LeakyReLU)
     keras_init:bool=True, # Start conv/linear layers like Keras (Glorot-uniform, zero bias); False: PyTorch's init
     **kwargs, # Options of the BatchlessNorm layers, see `norm_layer`
 ) -> nn.Sequential:
     "The paper's CIFAR-10 network: 3 conv stages (64 channels; 7x7, 5x5, 3x3), 2 dense layers of 50, logits"
     h, w = _check_size('paper_cnn', input_size, 8)
-    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, **kwargs)
+    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, norm_position=norm_position, **kwargs)
     mods, c = [], in_channels
     for i, k in enumerate((7, 5, 3), 1):
         mods += _stage(i, nn.Conv2d(c, 64, k, padding='same'), pool=True, **opts)
@@ -97,11 +102,12 @@ def digits_cnn(
     channels:tuple=(8, 16), # Channels of the two conv stages
     hidden:int=32, # Width of the hidden dense layer
     negative_slope:float=0.3, # LeakyReLU slope, as in `paper_cnn`
+    norm_position:str='after', # 'after' the activation or 'before' it, as in `paper_cnn`
     **kwargs, # Options of the BatchlessNorm layers, see `norm_layer`
 ) -> nn.Sequential:
     "A small CNN for 8x8 digits: two 3x3 conv stages with pooling, one hidden dense layer, logits"
     h, w = _check_size('digits_cnn', input_size, 4)
-    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, **kwargs)
+    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, norm_position=norm_position, **kwargs)
     c1, c2 = channels
     mods = _stage(1, nn.Conv2d(in_channels, c1, 3, padding=1), pool=True, **opts)
     mods += _stage(2, nn.Conv2d(c1, c2, 3, padding=1), pool=True, **opts)
@@ -118,12 +124,13 @@ def mlp(
     n_classes:int=10, # Output logits
     dropout:float=0.0, # Dropout rate after every norm
     negative_slope:float=0.3, # LeakyReLU slope, as in `paper_cnn`
+    norm_position:str='after', # 'after' the activation or 'before' it, as in `paper_cnn`
     **kwargs, # Options of the BatchlessNorm layers, see `norm_layer`
 ) -> nn.Sequential:
-    "A multilayer perceptron on flattened inputs: `Linear -> LeakyReLU -> [norm] -> Dropout` per hidden layer"
+    "A multilayer perceptron on flattened inputs: `Linear -> LeakyReLU -> [norm] -> Dropout` per hidden layer (`norm_position='after'`)"
     mods, n = [('flatten', nn.Flatten())], in_features
     for i, s in enumerate(sizes, 1):
-        mods += _stage(i, nn.Linear(n, s), norm, dropout, negative_slope, **kwargs)
+        mods += _stage(i, nn.Linear(n, s), norm, dropout, negative_slope, norm_position=norm_position, **kwargs)
         n = s
     mods += [(f'fc{len(sizes) + 1}', nn.Linear(n, n_classes))]
     return nn.Sequential(OrderedDict(mods))

@@ -115,6 +115,7 @@ def train(
     init:bool|None=None, # Data-driven init of the BlN statistics; None: yes if the model has BlN layers
     init_samples:int=1000, # Samples for the data-driven init
     init_passes:int=2, # 2: mean then variance; 1: one pass, as the reference code
+    init_dropout:bool=False, # Measure the init with dropout on (the statistics training sees)
     valid:str='split', # 'split': hold out `valid_pct` of the training data; 'test': validate on the test set
     valid_pct:float=0.2, # Held-out fraction for `valid='split'`
     split_seed:int=0, # Seed of the validation split (fixed across training seeds)
@@ -153,7 +154,7 @@ def train(
         net = _build_model(config, data)
         has_bln = bool(batchless_modules(net))
         cbs = [StatsTracker(every=stats_every)] if has_bln else []
-        if init or (init is None and has_bln): cbs.append(InitBatchless(n_samples=init_samples, passes=init_passes))
+        if init or (init is None and has_bln): cbs.append(InitBatchless(n_samples=init_samples, passes=init_passes, dropout=init_dropout))
         if out is not None:
             cbs += [Checkpoint(ckpt, every_steps=checkpoint_every), _WriteMetrics(out/'metrics.json', config)]
             if track_stats and norm_modules(net) and not dist.is_initialized():  # every rank would have to run the truth's forwards
@@ -332,6 +333,8 @@ def _add_train_args(p:argparse.ArgumentParser, sweep:bool=False):
                    help='data-driven init of the BlN statistics (default: on for BlN models)')
     p.add_argument('--init-samples', type=int, default=d(1000))
     p.add_argument('--init-passes', type=int, choices=[1, 2], default=d(2))
+    p.add_argument('--init-dropout', action='store_true', default=d(False),
+                   help='measure the data-driven init with dropout on, as training sees the activations')
     p.add_argument('--valid', choices=list(VALID_MODES), default=d('split'), help="'split': hold out --valid-pct of train; 'test': the test set")
     p.add_argument('--valid-pct', type=float, default=d(0.2))
     p.add_argument('--dtype', choices=list(DTYPES), default=d('float32'))

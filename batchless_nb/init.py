@@ -18,10 +18,13 @@ __all__ = ['batchless_strata', 'BatchlessInit', 'init_batchless']
 
 # %% ../nbs/01a_init.ipynb #c04bc4dc
 @contextlib.contextmanager
-def _eval_mode(model:nn.Module):
-    "Put every module of `model` in eval mode, and restore each one's own mode afterwards"
+def _eval_mode(model:nn.Module, dropout:bool=False):
+    "Put every module of `model` in eval mode (except dropout, if `dropout`), and restore each one's own mode afterwards"
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    if dropout:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd): m.train()
     try: yield model
     finally:
         for m, mode in modes: m.training = mode
@@ -230,6 +233,7 @@ def init_batchless(
     passes:int=2, # 2: mean, then variance about it (more stable); 1: both in one streaming pass
     batch_size:int=128, # Batch size for a Tensor or Dataset (a DataLoader keeps its own)
     preserve_function:bool=False, # Adjust weight/bias so the network computes the same function as before
+    dropout:bool=False, # Measure with dropout on: the statistics the NLL fits in training, not those of inference
     device=None, # Where the inputs are sent (default: the model's device)
 ) -> BatchlessInit: # The strata and the statistics that were set
     "Set every BatchlessNorm layer's mean/std to those of its input over a data sample, stratum by stratum"
@@ -245,7 +249,7 @@ def init_batchless(
                          "pass preserve_function=False")
     device = _model_device(model) if device is None else torch.device(device)
     batches = _input_batches(data, n_samples, batch_size)
-    with _eval_mode(model):
+    with _eval_mode(model, dropout):
         strata = batchless_strata(model, batches[0][:2].to(device))
         stats = {}
         with torch.no_grad():

@@ -570,7 +570,8 @@ class InitBatchless(Callback):
         n_samples:int=1000, # Samples to measure (the paper: 1,000)
         passes:int=2, # 2: mean then variance (more stable); 1: one pass, as the reference code
         data=None, # Inputs to use instead of the training set (Tensor, Dataset or DataLoader)
-    ): self.n_samples, self.passes, self.data, self.result = n_samples, passes, data, None
+        dropout:bool=False, # Measure with dropout on, as training sees the activations (see `init_batchless`)
+    ): self.n_samples, self.passes, self.data, self.dropout, self.result = n_samples, passes, data, dropout, None
 
     def before_fit(self, learn):
         if learn.step > 0 or not learn.layers: return
@@ -579,4 +580,4 @@ class InitBatchless(Callback):
             ds = learn.train_dl.dataset
             data = ds.tensors[0][:self.n_samples] if isinstance(ds, torch.utils.data.TensorDataset) else ds  # a tensor draws no RNG
         if isinstance(data, Tensor) and data.is_floating_point(): data = data.to(next(learn.model.parameters()).dtype)
-        self.result = init_batchless(learn.model, data, n_samples=self.n_samples, passes=self.passes)
+        self.result = init_batchless(learn.model, data, n_samples=self.n_samples, passes=self.passes, dropout=self.dropout)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_cli.ipynb #742f2382
 from __future__ import annotations
-import argparse, contextlib, csv, dataclasses, inspect, io, json, math, os, statistics, sys, time
+import argparse, contextlib, csv, dataclasses, io, json, math, os, statistics, sys, time
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ DTYPES = {'float32': torch.float32, 'float64': torch.float64}
 # settings that change how a run executes, not what it computes; a resumed run may also train more epochs
 _EXECUTION = ('progress', 'device', 'compile', 'checkpoint_every', 'threads', 'data_path')
 _RESUMABLE = _EXECUTION + ('epochs', 'resume', 'out')
+_BEFORE_OPTIONS = {'norm_position': 'after', 'init_dropout': False}  # how runs made before these options ran
 
 def summarize(history:dict) -> dict:
     "Best and final validation loss and accuracy, time and memory of a learner's `history`"
@@ -79,8 +80,8 @@ def _num_threads(n:int|None):
 def _check_resumable(out:Path, config:dict):
     "Refuse to resume a run in `out` that was made with different settings"
     old = json.loads((out/'config.json').read_text())
-    default = {k: p.default for k, p in inspect.signature(train).parameters.items()}  # for settings newer than the run
-    diff = {k: (old.get(k, default.get(k)), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k, default.get(k)) != v}
+    old = _BEFORE_OPTIONS | old  # a run made before an option existed ran as these say
+    diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
     if diff: raise ValueError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
                               "resume with the same settings or use another --out")
 
@@ -115,7 +116,7 @@ def train(
     init:bool|None=None, # Data-driven init of the BlN statistics; None: yes if the model has BlN layers
     init_samples:int=1000, # Samples for the data-driven init
     init_passes:int=2, # 2: mean then variance; 1: one pass, as the reference code
-    init_dropout:bool=False, # Measure the init with dropout on (the statistics training sees)
+    init_dropout:bool=True, # Measure the init with dropout on (the statistics training sees); False: as the paper
     valid:str='split', # 'split': hold out `valid_pct` of the training data; 'test': validate on the test set
     valid_pct:float=0.2, # Held-out fraction for `valid='split'`
     split_seed:int=0, # Seed of the validation split (fixed across training seeds)
@@ -179,7 +180,7 @@ PRESETS = {
                    batch_sizes=[1, 4, 16, 64], seeds=[0], epochs=5, threads=1),
     'paper-cifar10': dict(dataset='cifar10', model='paper_cnn', norms=['none', 'bn', 'bln-abs', 'bln-log', 'bln-inv'],
                           batch_sizes=[2**i for i in range(11)], seeds=[0], epochs=60, lr=1e-3, valid='split',
-                          valid_pct=0.2, init_samples=1000, init_passes=1),
+                          valid_pct=0.2, init_samples=1000, init_passes=1, init_dropout=False),
 }
 RESULT_FIELDS = ('dataset', 'model', 'method', 'norm', 'stats_update', 'stats_eta', 'batch_size', 'seed', 'epochs', 'best_val_loss', 'best_val_loss_epoch',
                  'best_val_acc', 'best_val_acc_epoch', 'final_val_loss', 'final_val_acc', 'final_train_loss',
@@ -333,8 +334,9 @@ def _add_train_args(p:argparse.ArgumentParser, sweep:bool=False):
                    help='data-driven init of the BlN statistics (default: on for BlN models)')
     p.add_argument('--init-samples', type=int, default=d(1000))
     p.add_argument('--init-passes', type=int, choices=[1, 2], default=d(2))
-    p.add_argument('--init-dropout', action='store_true', default=d(False),
-                   help='measure the data-driven init with dropout on, as training sees the activations')
+    p.add_argument('--init-dropout', action=argparse.BooleanOptionalAction, default=d(True),
+                   help="measure the data-driven init with dropout on, as training sees the activations (default); "
+                        "--no-init-dropout: without, as the paper")
     p.add_argument('--valid', choices=list(VALID_MODES), default=d('split'), help="'split': hold out --valid-pct of train; 'test': the test set")
     p.add_argument('--valid-pct', type=float, default=d(0.2))
     p.add_argument('--dtype', choices=list(DTYPES), default=d('float32'))

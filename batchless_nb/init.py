@@ -233,7 +233,7 @@ def init_batchless(
     passes:int=2, # 2: mean, then variance about it (more stable); 1: both in one streaming pass
     batch_size:int=128, # Batch size for a Tensor or Dataset (a DataLoader keeps its own)
     preserve_function:bool=False, # Adjust weight/bias so the network computes the same function as before
-    dropout:bool=False, # Measure with dropout on: the statistics the NLL fits in training, not those of inference
+    dropout:bool=True, # Measure with dropout on: the statistics the NLL fits in training; False: without, as the paper
     device=None, # Where the inputs are sent (default: the model's device)
 ) -> BatchlessInit: # The strata and the statistics that were set
     "Set every BatchlessNorm layer's mean/std to those of its input over a data sample, stratum by stratum"

@@ -570,7 +570,7 @@ class InitBatchless(Callback):
         n_samples:int=1000, # Samples to measure (the paper: 1,000)
         passes:int=2, # 2: mean then variance (more stable); 1: one pass, as the reference code
         data=None, # Inputs to use instead of the training set (Tensor, Dataset or DataLoader)
-        dropout:bool=False, # Measure with dropout on, as training sees the activations (see `init_batchless`)
+        dropout:bool=True, # Measure with dropout on, as training sees the activations; False: as the paper (see `init_batchless`)
     ): self.n_samples, self.passes, self.data, self.dropout, self.result = n_samples, passes, data, dropout, None
 
     def before_fit(self, learn):

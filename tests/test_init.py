@@ -249,7 +249,7 @@ def test_modes_batchnorm_and_grads_untouched():
     modes = [m.training for m in model.modules()]
     bn = {k: v.clone() for k, v in model[1].state_dict().items()}
     x = images(64)
-    init_batchless(model, x)
+    init_batchless(model, x, dropout=False)  # eval mode throughout (the paper), so the check below can use eval mode
     assert [m.training for m in model.modules()] == modes
     for k, v in model[1].state_dict().items(): assert torch.equal(v, bn[k]), k
     assert all(p.grad is None for p in model.parameters())

@@ -1,0 +1,40 @@
+"""Issue 6: copy the small result files of finished sweeps into the repo (nbs/results/issue6/<sweep name>/...):
+results.json/.csv, and per cell config.json, lag.json and metrics.json with its history cut to the per-epoch records
+(the per-step records make it 10-50x larger); with --stats also stats.npz, its per-channel value samples (kept for
+histograms) cut to the first 16, about 10x smaller. Weights and checkpoints stay behind.
+
+    .venv/bin/python tests/benchmarks/issue6_collect.py /tmp/issue6/cifar-long-bln [more sweep dirs] [--stats] [--to DIR]
+"""
+import argparse, json, shutil
+from pathlib import Path
+from batchless_nb.track import StatsLog
+
+SMALL = ('results.json', 'results.csv', 'config.json', 'lag.json')
+
+def trimmed(log:StatsLog, k:int=16) -> StatsLog:
+    "A copy of `log` keeping the first `k` sampled values per channel"
+    sd = log.state_dict()
+    for fields in sd['data'].values(): fields['sample'] = fields['sample'][..., :k].clone()
+    return StatsLog.from_state_dict(sd)
+
+def per_epoch(metrics:dict) -> dict:
+    "`metrics` (as metrics.json holds it) with only the per-epoch records of its history"
+    return metrics | {'history': {'epochs': metrics['history']['epochs']}}
+
+def collect(sweep:Path, to:Path, stats:bool=False, k:int=16):
+    dest = to/sweep.name
+    for f in sweep.rglob('*'):
+        keep, npz = f.name in SMALL or f.name == 'metrics.json', stats and f.name == 'stats.npz'
+        if keep or npz: (dest/f.relative_to(sweep)).parent.mkdir(parents=True, exist_ok=True)
+        if f.name == 'metrics.json': (dest/f.relative_to(sweep)).write_text(json.dumps(per_epoch(json.loads(f.read_text())), indent=1))
+        elif keep: shutil.copy2(f, dest/f.relative_to(sweep))
+        elif npz: trimmed(StatsLog.load(f), k).save(dest/f.relative_to(sweep))
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser()
+    p.add_argument('sweeps', nargs='+', type=Path)
+    p.add_argument('--to', type=Path, default=Path('nbs/results/issue6'))
+    p.add_argument('--stats', action='store_true', help='also the tracked statistics (stats.npz), trimmed')
+    p.add_argument('--samples', type=int, default=16, help='sampled values kept per channel with --stats')
+    a = p.parse_args()
+    for s in a.sweeps: collect(s, a.to, a.stats, a.samples)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 from .norm import BatchlessNorm
-from .init import _eval_mode
+from .init import _eval_mode, _layer_input
 from .learner import Callback, atomic_write
 
 # %% auto #0
@@ -139,7 +139,7 @@ def true_stats(
     samples = {n: ChannelSample(n_samples, _channel_dim(m), seed) for n, m in layers.items()} if n_samples else {}
     def hook(name):
         def f(mod, args, kwargs):
-            x = args[0] if args else kwargs['input']
+            x = _layer_input(args, kwargs)
             moments[name].update(x)
             if samples: samples[name].update(x)
         return f

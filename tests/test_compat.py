@@ -1,0 +1,40 @@
+"Run directories and checkpoints written by version 0.1.0 still load, and a cut run resumes to the same end."
+import json, shutil
+from pathlib import Path
+import pytest
+import torch
+import batchless_nb.cli as cli
+from batchless_nb.track import load_run
+
+FIXTURES = Path(__file__).parent/'fixtures'/'v0_1_0'
+RUNS = {'bln-paper': {}, 'bln-natural': dict(stats_update='natural', stats_eta=0.1), 'bn': dict(norm='bn')}
+_TIMING = ('time', 'peak_mem_mb', 'time_s', 'mem_kind')
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+
+def _history(metrics:dict) -> dict:
+    "The history without what depends on the machine (times, memory)"
+    strip = lambda r: {k: v for k, v in r.items() if k not in _TIMING}
+    h = metrics['history']
+    return {'epochs': [strip(r) for r in h['epochs']], 'steps': h['steps'], 'stats': h.get('stats')}
+
+
+@pytest.mark.parametrize('name', RUNS)
+def test_resume_a_0_1_0_run(tmp_path, name):
+    out = tmp_path/name
+    shutil.copytree(FIXTURES/'cut'/name, out)
+    args = dict(dataset='digits', model='digits_cnn', norm='bln-log', batch_size=16, epochs=2, seed=0, dropout=0.25,
+                checkpoint_every=10, track_batches=1, progress=False, threads=1, out=out, resume=True) | RUNS[name]
+    res = cli.train(**args)
+    done = FIXTURES/'done'/name
+    want = torch.load(done/'model.pt', weights_only=True)
+    got = torch.load(out/'model.pt', weights_only=True)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert _history(res) == _history(json.loads((done/'metrics.json').read_text()))
+
+
+def test_load_a_0_1_0_run_directory():
+    run = load_run(FIXTURES/'done'/'bln-paper')
+    assert run.name == 'bln-log' and len(run.history['epochs']) == 2
+    assert run.stats is not None and len(run.stats) > 2 and set(run.stats.layers) == {'norm1', 'norm2', 'norm3'}

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .core import set_seed, default_device
 from .norm import batchless_modules, batchless_loss, batchless_param_groups, NonFiniteActivationError
 from .init import init_batchless
-from .stats import NaturalGradientSGD
+from .natural import NaturalGradientSGD
 
 # %% auto #0
 __all__ = ['EVENTS', 'STATS_UPDATES', 'Callback', 'CancelFitException', 'NonFiniteLossError', 'atomic_write', 'save_json',

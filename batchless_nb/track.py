@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader
 from .norm import BatchlessNorm
-from .init import _eval_mode, _layer_input
+from .core import eval_mode as _eval_mode, layer_input as _layer_input
 from .learner import Callback, atomic_write
 
 # %% auto #0

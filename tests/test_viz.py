@@ -12,7 +12,7 @@ from batchless_nb.core import set_seed
 from batchless_nb.data import get_data, dataloaders
 from batchless_nb.models import get_model
 from batchless_nb.norm import BatchlessNorm, BatchlessNorm2d
-from batchless_nb.init import _eval_mode
+from batchless_nb.core import eval_mode as _eval_mode
 from batchless_nb.learner import Learner, InitBatchless
 from batchless_nb.track import (ChannelMoments, ChannelSample, StatsLog, TrackStats, true_stats, norm_modules,
                                 save_run, load_run)

@@ -70,8 +70,8 @@ def _channel_stats(x:Tensor, channel_dim:int, dtype:torch.dtype) -> tuple[Tensor
         return mean.to(dtype), var.to(dtype)
 
 # %% ../nbs/01_norm.ipynb #0b02889d
-class NonFiniteActivationError(ValueError):
-    "Non-finite activations reached a BatchlessNorm layer in training; its statistics were left unchanged"
+class NonFiniteActivationError(ValueError, FloatingPointError):
+    "Non-finite activations reached a BatchlessNorm layer in training; its statistics were left unchanged (a `FloatingPointError` too, as training loops report one)"
 
 def _raise_non_finite(mean:Tensor, var:Tensor):
     bad = ~torch.isfinite(mean + var)

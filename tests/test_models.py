@@ -164,3 +164,25 @@ def test_mlp_on_gaussian_data():
     m = get_model('mlp', 'bln-log', input_shape=d.input_shape, n_classes=d.n_classes, sizes=(8,))
     assert m(d.train.tensors[0][:4]).shape == (4, 3)
     assert [type(l).__name__ for l in batchless_modules(m).values()] == ['BatchlessNorm1d']
+
+
+def _digits_accuracy(model_name, norm, epochs=3, batch_size=16):
+    torch.manual_seed(0)
+    d = get_data('digits')
+    dls = dataloaders(d, batch_size=batch_size, seed=0)
+    m = get_model(model_name, norm, input_shape=d.input_shape)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        m.train()
+        for xb, yb in dls.train:
+            loss = nn.functional.cross_entropy(m(xb), yb) + batchless_loss(m)
+            opt.zero_grad(); loss.backward(); opt.step()
+    m.eval()
+    with torch.no_grad(): return sum((m(x).argmax(1) == y).sum().item() for x, y in dls.valid) / len(d.valid)
+
+
+@pytest.mark.parametrize('model_name', list(MODELS))
+def test_group_norm_trains_at_least_as_well_as_none(model_name):
+    "A GN model of each architecture learns the digits at least as well as no normalization: a collapsed GN cannot pass"
+    gn, none = _digits_accuracy(model_name, 'gn'), _digits_accuracy(model_name, 'none')
+    assert gn >= none - 0.01 and gn > 0.8, (gn, none)

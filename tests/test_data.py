@@ -429,7 +429,7 @@ def _refused(path, names:str):
     return msg
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(bad=BAD_BATCHES, which=st.sampled_from(['data_batch_1', 'data_batch_2', 'test_batch']),
        form=st.sampled_from(['tar.gz', 'dir']))
 def test_malformed_batches_refused(tmp_path_factory, bad, which, form):

@@ -18,7 +18,8 @@ from .runs import Run, as_run, load_sweep
 __all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses', 'plot_sweep']
 
 # %% ../nbs/04a_viz.ipynb #f317a6ff
-_OWN = {'bln': ('learned', 'μ', 'σ'), 'bn': ('running', 'running mean', '√(running var + ε)')}
+_OWN = {'bln': ('learned', 'μ', 'σ'), 'bn': ('running', 'running mean', '√(running var + ε)'),
+        'online': ('running', 'running mean', '√(running var + ε)')}
 
 def _label(name:str) -> str: return NORMS[name].label if name in NORMS else name
 

@@ -8,6 +8,7 @@ from torch import nn
 from batchless_nb.data import dataloaders, get_data
 from batchless_nb.models import MODELS, NORMS, digits_cnn, get_model, mlp, norm_layer, paper_cnn
 from batchless_nb.norm import BatchlessNorm, batchless_loss, batchless_modules
+from batchless_nb.online import OnlineNorm1d, OnlineNorm2d
 
 BLN = [n for n in NORMS if n.startswith('bln-')]
 INPUTS = {'paper_cnn': (3, 32, 32), 'digits_cnn': (1, 8, 8), 'mlp': (1, 8, 8)}
@@ -19,7 +20,8 @@ def n_params(m): return sum(p.numel() for p in m.parameters())
 def _expected_norm(norm, dim):
     "The layer type the paper network should hold at a norm slot (dim 2: after a conv, 1: after a dense layer)"
     return {'none': nn.Identity, 'bn': nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d,
-            'gn': nn.GroupNorm, 'ln': nn.GroupNorm if dim == 2 else nn.LayerNorm}.get(norm, BatchlessNorm)
+            'gn': nn.GroupNorm, 'ln': nn.GroupNorm if dim == 2 else nn.LayerNorm,
+            'online': OnlineNorm2d if dim == 2 else OnlineNorm1d}.get(norm, BatchlessNorm)
 
 
 @pytest.mark.parametrize('norm', NORMS)

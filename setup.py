@@ -13,7 +13,8 @@ min_python = cfg['min_python']
 lic = licenses[cfg['license'].lower()]
 
 requirements = cfg.get('requirements', '').split()
-dev_requirements = cfg.get('dev_requirements', '').split()
+# every NAME_requirements key but `requirements` is the extra NAME: [dev], [dp]
+extras = {k[:-len('_requirements')]: cfg[k].split() for k in cfg if k.endswith('_requirements')}
 console_scripts = cfg.get('console_scripts', '').split()
 
 setuptools.setup(
@@ -30,7 +31,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require=extras,
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

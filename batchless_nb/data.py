@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_data.ipynb #bf9c403a
 from __future__ import annotations
-import hashlib, inspect, io, math, pickle, re, tarfile, urllib.request
+import hashlib, inspect, io, lzma, math, pickle, re, tarfile, urllib.request, zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # %% auto #0
 __all__ = ['CIFAR10_URL', 'CIFAR10_MD5', 'CIFAR10_ARCHIVE', 'CIFAR10_DIR', 'CIFAR10_CLASSES', 'VALID_MODES', 'DATASETS', 'Source',
-           'digits', 'download_url', 'cifar10', 'gaussian', 'Data', 'split', 'DataLoaders', 'dataloaders', 'get_data']
+           'digits', 'DataError', 'BatchPickleError', 'download_url', 'cifar10', 'gaussian', 'Data', 'split',
+           'DataLoaders', 'dataloaders', 'get_data']
 
 # %% ../nbs/02_data.ipynb #173b2a22
 @dataclass
@@ -53,6 +54,20 @@ CIFAR10_ARCHIVE, CIFAR10_DIR = 'cifar-10-python.tar.gz', 'cifar-10-batches-py'
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
 # %% ../nbs/02_data.ipynb #e45eb29d
+class DataError(ValueError):
+    "A data file that is not what it should be; the message names the file, what was expected and what came"
+
+class BatchPickleError(DataError, pickle.UnpicklingError):
+    "A CIFAR batch whose pickle cannot be read, or may not be: it refers to something other than NumPy arrays"
+
+_GET_GOOD = f"get a good copy of {CIFAR10_ARCHIVE} from {CIFAR10_URL} (or remove this one and pass download=True)"
+
+def _why(e:BaseException) -> str:
+    "One line saying what went wrong: the exception's type and the first line of its message"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+# %% ../nbs/02_data.ipynb #91819344
 class _BatchUnpickler(pickle.Unpickler):
     "Unpickler for CIFAR batches: only the globals a pickled dict of NumPy arrays and byte strings needs"
     _allowed = {('_codecs', 'encode'), ('numpy', 'ndarray'), ('numpy', 'dtype'),
@@ -62,21 +77,95 @@ class _BatchUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"CIFAR batch refers to {module}.{name}; only NumPy arrays are expected")
         return super().find_class(module, name)
 
-def _load_batch(raw:bytes) -> tuple[np.ndarray, list]:
-    "(data, labels) of one pickled CIFAR batch (written by Python 2 or 3)"
-    d = _BatchUnpickler(io.BytesIO(raw), encoding='bytes').load()
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
-    return np.asarray(d['data'], dtype=np.uint8), list(d['labels'])
+# %% ../nbs/02_data.ipynb #88cf1152
+def _check_data(x, where:str) -> np.ndarray:
+    "`x` if it is CIFAR pixel rows: a uint8 (N, 3072) array, N >= 1; else a `DataError` naming `where`"
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"{where}: 'data' is a {type(x).__name__}: expected a NumPy uint8 array of shape (N, 3072)")
+    if x.dtype != np.uint8:
+        raise DataError(f"{where}: 'data' has dtype {x.dtype}: expected uint8 pixel values 0-255 "
+                        f"(other dtypes are refused, not cast)")
+    if x.ndim == 4 and x.shape[1:] == (32, 32, 3):
+        raise DataError(f"{where}: 'data' has shape {x.shape}, channels-last (N x 32 x 32 x 3): expected (N, 3072), "
+                        f"each row 1024 red, then 1024 green, then 1024 blue values; convert it with "
+                        f"data.transpose(0, 3, 1, 2).reshape(len(data), 3072)")
+    if x.ndim != 2 or x.shape[1] != 3072 or len(x) == 0:
+        raise DataError(f"{where}: 'data' has shape {x.shape}: expected (N, 3072) with N >= 1, one row of "
+                        f"3 x 32 x 32 channel-major pixels per image")
+    return x
 
-# %% ../nbs/02_data.ipynb #91819344
+def _check_labels(y, n:int, where:str) -> np.ndarray:
+    "`y` as an int64 array if it is `n` class indices 0-9; else a `DataError` naming `where`"
+    vals = y.tolist() if isinstance(y, np.ndarray) and y.ndim == 1 else y
+    if not isinstance(vals, (list, tuple)):
+        got = f"an array of shape {y.shape}" if isinstance(y, np.ndarray) else f"a {type(y).__name__}"
+        raise DataError(f"{where}: 'labels' is {got}: expected a list of {n} ints 0-9, one per image")
+    if len(vals) != n: raise DataError(f"{where}: {len(vals)} labels for {n} images: expected one label per image")
+    if odd := sorted({type(v).__name__ for v in vals if not isinstance(v, (int, np.integer)) or isinstance(v, bool)}):
+        raise DataError(f"{where}: 'labels' hold {', '.join(odd)} values: expected ints 0-9")
+    if bad := [v for v in vals if not 0 <= v <= 9]:
+        raise DataError(f"{where}: {len(bad)} of {n} labels are outside 0-9 (values {min(bad)}..{max(bad)}): "
+                        f"expected class indices 0-9")
+    return np.asarray(vals, dtype=np.int64)
+
+# %% ../nbs/02_data.ipynb #41566100
+def _load_batch(
+    raw:bytes, # The pickled batch
+    where:str, # The file it came from, for error messages
+) -> tuple[np.ndarray, np.ndarray]:
+    "(data, labels) of one pickled CIFAR batch (written by Python 2 or 3), checked against the official format"
+    try: d = _BatchUnpickler(io.BytesIO(raw), encoding='bytes').load()
+    except Exception as e:  # anything a damaged or hostile pickle raises
+        err = BatchPickleError if isinstance(e, pickle.UnpicklingError) else DataError
+        raise err(f"{where} is not a readable CIFAR batch ({_why(e)}); {_GET_GOOD}") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{where} holds a pickled {type(d).__name__}: expected a dict with keys 'data' and 'labels'")
+    d = {(k.decode('latin-1') if isinstance(k, bytes) else k): v for k, v in d.items()}
+    if missing := [k for k in ('data', 'labels') if k not in d]:
+        raise DataError(f"{where} has no {' or '.join(map(repr, missing))} key: expected 'data' and 'labels', "
+                        f"got {sorted(map(str, d))}")
+    x = _check_data(d['data'], where)
+    return x, _check_labels(d['labels'], len(x), where)
+
+# %% ../nbs/02_data.ipynb #59d20c47
 _BATCH_RE = re.compile(r'(data_batch_\d+|test_batch)')
+_COMPRESSION = {b'\x1f\x8b': 'gz', b'BZh': 'bz2', b'\xfd7zXZ\x00': 'xz'}  # magic bytes -> tarfile's mode suffix
 
-def _read_batches(src:Path) -> dict[str, bytes]:
-    "Raw bytes of every `data_batch_*` and `test_batch` in a .tar.gz archive or an extracted directory"
-    if src.is_dir(): return {f.name: f.read_bytes() for f in src.iterdir() if _BATCH_RE.fullmatch(f.name)}
-    with tarfile.open(src, 'r:*') as tf:
-        return {Path(m.name).name: tf.extractfile(m).read() for m in tf.getmembers()
-                if m.isfile() and _BATCH_RE.fullmatch(Path(m.name).name)}
+def _check_end(tf:tarfile.TarFile):
+    "Raise EOFError unless `tf`, iterated to its end, stops at an end-of-archive block in an intact stream"
+    f = tf.fileobj; f.seek(tf.offset)
+    if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:  # tarfile stops silently at a cut header
+        raise EOFError(f"the archive stops after {len(tf.members)} member(s) without an end-of-archive block")
+    while f.read(1 << 20): pass  # a compressed stream checks its length and checksum at its end
+
+# %% ../nbs/02_data.ipynb #ce4acd89
+def _read_archive(src:Path) -> dict[str, tuple[bytes, str]]:
+    "{name: (raw bytes, where)} of every batch in the tar archive `src`, which must be complete"
+    with open(src, 'rb') as f: head = f.read(6)
+    comp = next((c for magic, c in _COMPRESSION.items() if head.startswith(magic)), '')
+    out, opened = {}, False
+    try:
+        with tarfile.open(src, f'r:{comp}') as tf:
+            opened = True
+            for m in tf:  # one pass: each batch is read when its header comes by
+                name = Path(m.name).name
+                if not (m.isfile() and _BATCH_RE.fullmatch(name)): continue
+                if name in out: raise DataError(f"{src} holds {name} twice ({out[name][1]} and {m.name} in it)")
+                out[name] = (tf.extractfile(m).read(), f"{m.name} in {src}")
+            _check_end(tf)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None: raise  # the file system's error (permission, I/O)
+        if opened or comp or src.name.endswith(('.gz', '.tgz', '.bz2', '.xz')):
+            raise DataError(f"{src} is truncated or corrupt ({_why(e)}): expected a complete tar archive; "
+                            f"{_GET_GOOD}") from e
+        raise DataError(f"{src} is not a tar archive: pass {CIFAR10_ARCHIVE}, its extracted "
+                        f"{CIFAR10_DIR}/ directory or a folder holding either") from e
+    return out
+
+def _read_batches(src:Path) -> dict[str, tuple[bytes, str]]:
+    "{name: (raw bytes, where)} of every `data_batch_*` and `test_batch` in a tar archive or an extracted directory"
+    if src.is_dir(): return {f.name: (f.read_bytes(), str(f)) for f in src.iterdir() if _BATCH_RE.fullmatch(f.name)}
+    return _read_archive(src)
 
 # %% ../nbs/02_data.ipynb #318825bb
 def _find_cifar10(path:Path) -> Path|None:
@@ -125,18 +214,15 @@ def cifar10(
             f"CIFAR-10 not found at {path.resolve()} (looked for that path as the archive, or in it for "
             f"{CIFAR10_ARCHIVE}, {CIFAR10_DIR}/ or test_batch). Put {CIFAR10_ARCHIVE} from {CIFAR10_URL} or "
             f"its extracted {CIFAR10_DIR}/ there, or pass download=True.")
-    if src.is_file() and not tarfile.is_tarfile(src):
-        raise ValueError(f"{src} is not a tar archive: pass {CIFAR10_ARCHIVE}, its extracted {CIFAR10_DIR}/ "
-                         f"directory or a folder holding either")
     raw = _read_batches(src)
     train_names = sorted((n for n in raw if n.startswith('data_batch_')), key=lambda n: int(n.rsplit('_', 1)[1]))
     if not train_names or 'test_batch' not in raw:
-        raise FileNotFoundError(f"{src} holds batches {sorted(raw)}: expected data_batch_1.. and test_batch")
-    train = [_load_batch(raw.pop(n)) for n in train_names]
-    test = _load_batch(raw.pop('test_batch'))
-    y_train = torch.tensor([l for _, labels in train for l in labels], dtype=torch.int64)
-    return Source(_to_images([d for d, _ in train]), y_train, _to_images([test[0]]),
-                  torch.tensor(test[1], dtype=torch.int64), classes=list(CIFAR10_CLASSES))
+        raise FileNotFoundError(f"{src} holds batches {sorted(raw)}: expected data_batch_1.. and test_batch; "
+                                f"{_GET_GOOD}")
+    train = [_load_batch(*raw.pop(n)) for n in train_names]
+    test = _load_batch(*raw.pop('test_batch'))
+    return Source(_to_images([x for x, _ in train]), torch.from_numpy(np.concatenate([y for _, y in train])),
+                  _to_images([test[0]]), torch.from_numpy(test[1]), classes=list(CIFAR10_CLASSES))
 
 # %% ../nbs/02_data.ipynb #3b5c6c24
 def _per_channel(v, n:int, name:str) -> Tensor:

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.skipif(not CHROMIUM.exists(), reason=f'no Chromium at 
               pytest.mark.slow]
 
 NOTEBOOK_CELLS = [
-    "from batchless_nb.viz import explore",
+    "from batchless_nb.explore import explore",
     "ex = explore('run')\nex",
 ]
 
@@ -40,11 +40,12 @@ def _saved_run(out:Path):
     from batchless_nb.core import set_seed
     from batchless_nb.data import get_data, dataloaders
     from batchless_nb.models import get_model
-    from batchless_nb.learner import Learner, InitBatchless
-    from batchless_nb.track import TrackStats, save_run
+    from batchless_nb.callbacks import batchless_learner, InitBatchless
+    from batchless_nb.track import TrackStats
+    from batchless_nb.runs import save_run
     set_seed(0)
-    learn = Learner(get_model('digits_cnn', 'bln-log'), dataloaders(get_data('digits'), batch_size=64, seed=0),
-                    progress=False, device='cpu', cbs=[InitBatchless(n_samples=300), TrackStats(every=3, n_samples=64)])
+    learn = batchless_learner(get_model('digits_cnn', 'bln-log'), dataloaders(get_data('digits'), batch_size=64, seed=0),
+                              progress=False, device='cpu', cbs=[InitBatchless(n_samples=300), TrackStats(every=3, n_samples=64)])
     learn.fit(1)
     save_run(learn, out)
 

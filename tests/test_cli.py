@@ -3,6 +3,7 @@ import json, subprocess, sys
 import pytest
 import torch
 import batchless_nb.cli as cli
+import batchless_nb.callbacks as callbacks
 from batchless_nb.learner import Checkpoint
 
 
@@ -43,11 +44,11 @@ def test_sweep_resumes_inside_a_cell(tmp_path, monkeypatch):
     assert torch.load(tmp_path/'cut'/'cells'/'bln-log-bs16-seed0'/'checkpoint.pt', weights_only=True)['step'] == 30
 
     starts = []  # (norm, step) at which each rerun's fit starts
-    class Recording(cli.Learner):
+    class Recording(callbacks.Learner):
         def fit(self, n_epochs=1, cbs=None):
             starts.append((self.step, n_epochs))
             return super().fit(n_epochs, cbs)
-    monkeypatch.setattr(cli, 'Learner', Recording)
+    monkeypatch.setattr(callbacks, 'Learner', Recording)
     resumed = cli.sweep(tmp_path/'cut', **grid)
     assert starts == [(30, 2)]  # only the cut cell ran, from its checkpoint: the rest of epoch 1, then epoch 2
     for r1, r2 in zip(straight, resumed, strict=True):

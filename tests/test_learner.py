@@ -6,8 +6,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from batchless_nb.core import set_seed
 from batchless_nb.data import get_data, dataloaders
 from batchless_nb.models import get_model
-from batchless_nb.learner import (Learner, Callback, CancelFitException, Checkpoint, InitBatchless, StatsTracker,
-                                  NonFiniteLossError)
+from batchless_nb.learner import Learner, Callback, CancelFitException, Checkpoint, NonFiniteLossError, Recorder
+from batchless_nb.callbacks import batchless_learner, bln_callback, InitBatchless
+from batchless_nb.track import TrackStats
 
 
 
@@ -23,8 +24,8 @@ def params(learn): return torch.cat([p.detach().flatten() for p in learn.model.p
 def train(data, norm, micro_batch_size, model='mlp', epochs=1, dtype=torch.float64, batch_size=64, learner_kw=None, **kw):
     set_seed(0)
     m = get_model(model, norm, input_shape=data.input_shape, dropout=0.0, **kw).to(dtype)
-    learn = Learner(m, dataloaders(data, batch_size=batch_size, seed=0), micro_batch_size=micro_batch_size,
-                    progress=False, device='cpu', **(learner_kw or {}))
+    learn = batchless_learner(m, dataloaders(data, batch_size=batch_size, seed=0), micro_batch_size=micro_batch_size,
+                              progress=False, device='cpu', **(learner_kw or {}))
     learn.fit(epochs)
     return learn
 
@@ -49,7 +50,7 @@ def test_micro_batch_equivalence_natural_float64(data, norm, model):
     "The natural-gradient statistics step on the accumulated gradient: micro-batches of 1 and 7 == whole batches"
     kw = dict(learner_kw=dict(stats_update='natural', stats_eta=0.3))
     whole = train(data, norm, None, model, **kw)
-    assert whole.stats_opt is not None and all(len(g['params']) == 2 for g in whole.stats_opt.param_groups)
+    assert bln_callback(whole).opt is not None and all(len(g['params']) == 2 for g in bln_callback(whole).opt.param_groups)
     ref = params(whole)
     for mbs in (1, 7):
         learn = train(data, norm, mbs, model, **kw)
@@ -79,8 +80,8 @@ class StopAt(Callback):
 def make(data, *cbs, norm='bln-log', **kw):
     set_seed(0)
     m = get_model('digits_cnn', norm, input_shape=data.input_shape, dropout=0.25)
-    return Learner(m, dataloaders(data, batch_size=64, seed=0), micro_batch_size=16, progress=False, device='cpu',
-                   cbs=[InitBatchless(n_samples=300), StatsTracker(every=5), *cbs], log_every=4, **kw)
+    return batchless_learner(m, dataloaders(data, batch_size=64, seed=0), micro_batch_size=16, progress=False, device='cpu',
+                             cbs=[Recorder(log_every=4), InitBatchless(n_samples=300), TrackStats(every=5), *cbs], **kw)
 
 
 def comparable(h):
@@ -119,7 +120,7 @@ def test_resume_natural_stats(data, tmp_path):
     straight = make(data, **kw); straight.fit(2)
     make(data, Checkpoint(tmp_path/'ckpt.pt', every_steps=10), StopAt(23), **kw).fit(2)
     resumed = make(data, **kw).load(tmp_path/'ckpt.pt')
-    assert resumed.stats_opt.param_groups[0]['lr'] == 0.05
+    assert bln_callback(resumed).opt.param_groups[0]['lr'] == 0.05
     resumed.fit(1)
     assert torch.equal(params(resumed), params(straight))
     assert comparable(resumed.history) == comparable(straight.history)
@@ -139,8 +140,8 @@ def test_resume_twice_in_one_process(data):
 def test_non_finite_loss_stops_and_keeps_checkpoint(data, norm, tmp_path):
     x, y = data.train.tensors[0][:129].clone(), data.train.tensors[1][:129]
     set_seed(0)
-    learn = Learner(get_model('mlp', norm, input_shape=data.input_shape), (DataLoader(TensorDataset(x, y), batch_size=64), None),
-                    progress=False, device='cpu', cbs=[Checkpoint(tmp_path/'ckpt.pt', every_steps=1)])
+    learn = batchless_learner(get_model('mlp', norm, input_shape=data.input_shape), (DataLoader(TensorDataset(x, y), batch_size=64), None),
+                              progress=False, device='cpu', cbs=[Checkpoint(tmp_path/'ckpt.pt', every_steps=1)])
     learn.fit(1)
     before = params(learn)
     x[128] = float('inf')
@@ -148,16 +149,16 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(data, norm, tmp_path):
     assert learn.step == 5 and torch.isfinite(params(learn)).all()
     ckpt = torch.load(tmp_path/'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 5
-    learn2 = Learner(get_model('mlp', norm, input_shape=data.input_shape), (DataLoader(TensorDataset(x, y), batch_size=64), None),
-                     progress=False, device='cpu').load(tmp_path/'ckpt.pt')
+    learn2 = batchless_learner(get_model('mlp', norm, input_shape=data.input_shape), (DataLoader(TensorDataset(x, y), batch_size=64), None),
+                               progress=False, device='cpu').load(tmp_path/'ckpt.pt')
     assert torch.equal(params(learn2), params(learn)) and not torch.equal(params(learn2), before)
 
 
 def test_non_finite_gradient_stops(data):
     "A finite loss with a NaN gradient is refused too: sqrt(0 * u) is 0, its gradient inf * 0"
     set_seed(0)
-    learn = Learner(get_model('mlp', 'bln-log', input_shape=data.input_shape), dataloaders(data, batch_size=64, seed=0),
-                    progress=False, device='cpu', loss_func=lambda p, y: (p.square().mean() * 0).sqrt())
+    learn = batchless_learner(get_model('mlp', 'bln-log', input_shape=data.input_shape), dataloaders(data, batch_size=64, seed=0),
+                              progress=False, device='cpu', loss_func=lambda p, y: (p.square().mean() * 0).sqrt())
     before = params(learn)
     with pytest.raises(NonFiniteLossError, match='non-finite gradients'): learn.fit(1)
     assert learn.step == 0 and torch.equal(params(learn), before)
@@ -165,8 +166,8 @@ def test_non_finite_gradient_stops(data):
 
 def test_amp_bf16_cpu(data):
     set_seed(0)
-    learn = Learner(get_model('digits_cnn', 'bln-log', input_shape=data.input_shape), dataloaders(data, batch_size=64, seed=0),
-                    amp='bf16', micro_batch_size=16, progress=False, device='cpu', cbs=[InitBatchless()])
+    learn = batchless_learner(get_model('digits_cnn', 'bln-log', input_shape=data.input_shape), dataloaders(data, batch_size=64, seed=0),
+                              amp='bf16', micro_batch_size=16, progress=False, device='cpu', cbs=[InitBatchless()])
     learn.fit(1)
     h = learn.history['epochs'][-1]
     assert h['valid_acc'] > 0.3 and all(v == v for v in h['nll'].values())
@@ -176,7 +177,7 @@ def test_channels_last(data):
     a = train(data, 'bln-log', None, 'digits_cnn', dtype=torch.float32)
     set_seed(0)
     m = get_model('digits_cnn', 'bln-log', input_shape=data.input_shape, dropout=0.0)
-    b = Learner(m, dataloaders(data, batch_size=64, seed=0), progress=False, device='cpu', channels_last=True)
+    b = batchless_learner(m, dataloaders(data, batch_size=64, seed=0), progress=False, device='cpu', channels_last=True)
     b.fit(1)
     assert (params(a) - params(b)).abs().max() <= 1e-4 * params(a).abs().max()
 
@@ -187,8 +188,8 @@ def test_compile_runs(data, backend):
     eager = train(data, 'bln-log', 48, dtype=torch.float32)
     set_seed(0)
     m = get_model('mlp', 'bln-log', input_shape=data.input_shape, dropout=0.0)
-    learn = Learner(m, dataloaders(data, batch_size=64, seed=0), micro_batch_size=48, progress=False, device='cpu',
-                    compile=backend)
+    learn = batchless_learner(m, dataloaders(data, batch_size=64, seed=0), micro_batch_size=48, progress=False, device='cpu',
+                              compile=backend)
     learn.fit(1)
     h, he = learn.history['epochs'][-1], eager.history['epochs'][-1]
     assert h['train_nll'] == pytest.approx(he['train_nll'], rel=1e-4)  # BlN's NLL reaches the loss under compile

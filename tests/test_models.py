@@ -8,6 +8,7 @@ from torch import nn
 from batchless_nb.data import dataloaders, get_data
 from batchless_nb.models import MODELS, NORMS, digits_cnn, get_model, mlp, norm_layer, paper_cnn
 from batchless_nb.norm import BatchlessNorm, batchless_loss, batchless_modules
+from batchless_nb.online import OnlineNorm1d, OnlineNorm2d
 
 BLN = [n for n in NORMS if n.startswith('bln-')]
 INPUTS = {'paper_cnn': (3, 32, 32), 'digits_cnn': (1, 8, 8), 'mlp': (1, 8, 8)}
@@ -19,7 +20,8 @@ def n_params(m): return sum(p.numel() for p in m.parameters())
 def _expected_norm(norm, dim):
     "The layer type the paper network should hold at a norm slot (dim 2: after a conv, 1: after a dense layer)"
     return {'none': nn.Identity, 'bn': nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d,
-            'gn': nn.GroupNorm, 'ln': nn.GroupNorm if dim == 2 else nn.LayerNorm}.get(norm, BatchlessNorm)
+            'gn': nn.GroupNorm, 'ln': nn.GroupNorm if dim == 2 else nn.LayerNorm,
+            'online': OnlineNorm2d if dim == 2 else OnlineNorm1d}.get(norm, BatchlessNorm)
 
 
 @pytest.mark.parametrize('norm', NORMS)
@@ -164,3 +166,25 @@ def test_mlp_on_gaussian_data():
     m = get_model('mlp', 'bln-log', input_shape=d.input_shape, n_classes=d.n_classes, sizes=(8,))
     assert m(d.train.tensors[0][:4]).shape == (4, 3)
     assert [type(l).__name__ for l in batchless_modules(m).values()] == ['BatchlessNorm1d']
+
+
+def _digits_accuracy(model_name, norm, epochs=3, batch_size=16):
+    torch.manual_seed(0)
+    d = get_data('digits')
+    dls = dataloaders(d, batch_size=batch_size, seed=0)
+    m = get_model(model_name, norm, input_shape=d.input_shape)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        m.train()
+        for xb, yb in dls.train:
+            loss = nn.functional.cross_entropy(m(xb), yb) + batchless_loss(m)
+            opt.zero_grad(); loss.backward(); opt.step()
+    m.eval()
+    with torch.no_grad(): return sum((m(x).argmax(1) == y).sum().item() for x, y in dls.valid) / len(d.valid)
+
+
+@pytest.mark.parametrize('model_name', list(MODELS))
+def test_group_norm_trains_at_least_as_well_as_none(model_name):
+    "A GN model of each architecture learns the digits at least as well as no normalization: a collapsed GN cannot pass"
+    gn, none = _digits_accuracy(model_name, 'gn'), _digits_accuracy(model_name, 'none')
+    assert gn >= none - 0.01 and gn > 0.8, (gn, none)

@@ -2,7 +2,7 @@
 import copy
 import pytest, torch, torch.nn as nn
 from batchless_nb.norm import BatchlessNorm1d, BatchlessNorm2d, batchless_loss, STD_PARAMS
-from batchless_nb.stats import NaturalGradientSGD
+from batchless_nb.natural import NaturalGradientSGD
 
 
 @pytest.mark.parametrize('std_param', list(STD_PARAMS))

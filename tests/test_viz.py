@@ -12,11 +12,12 @@ from batchless_nb.core import set_seed
 from batchless_nb.data import get_data, dataloaders
 from batchless_nb.models import get_model
 from batchless_nb.norm import BatchlessNorm, BatchlessNorm2d
-from batchless_nb.init import _eval_mode
-from batchless_nb.learner import Learner, InitBatchless
-from batchless_nb.track import (ChannelMoments, ChannelSample, StatsLog, TrackStats, true_stats, norm_modules,
-                                save_run, load_run)
-from batchless_nb.viz import (plot_stats, plot_norm_error, plot_channel, plot_losses, plot_sweep, explore, norm_errors)
+from batchless_nb.core import eval_mode as _eval_mode
+from batchless_nb.callbacks import batchless_learner, InitBatchless
+from batchless_nb.track import ChannelMoments, ChannelSample, StatsLog, TrackStats, true_stats, norm_modules
+from batchless_nb.runs import save_run, load_run
+from batchless_nb.viz import plot_stats, plot_norm_error, plot_channel, plot_losses, plot_sweep, norm_errors
+from batchless_nb.explore import explore
 
 
 
@@ -91,8 +92,8 @@ def runs(tmp_path_factory):
     out, learners = tmp_path_factory.mktemp('runs'), {}
     for norm in ('bln-log', 'bn'):
         set_seed(0)
-        learn = Learner(get_model('digits_cnn', norm), dataloaders(data, batch_size=64, seed=0), progress=False,
-                        device='cpu', cbs=[InitBatchless(n_samples=300), TrackStats(every=3, n_samples=50)])
+        learn = batchless_learner(get_model('digits_cnn', norm), dataloaders(data, batch_size=64, seed=0), progress=False,
+                                  device='cpu', cbs=[InitBatchless(n_samples=300), TrackStats(every=3, n_samples=50)])
         learn.fit(1)
         learners[norm] = learn
         save_run(learn, out/norm)

@@ -159,11 +159,9 @@ def _autocast_on(device_type:str) -> bool:
     except TypeError: return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
 # %% ../nbs/01_norm.ipynb #f67f338a
-def _affine_forward(x, mean, p, weight, bias, std_param, eps, training) -> tuple:
+def _affine_forward(x, mean, p, weight, bias, std_param, eps, training, fast=True) -> tuple:
     "(out, scale, inv_std), and in training also the moments (a, q) of x - mean; channels at dim 1, no autograd"
-    fast = not _is_tracing()
     log_std, inv = std_from_param(p, std_param, eps)
-    if inv is p: inv = p.view_as(p)  # 'inv': an output must not be an input itself
     scale = inv if weight is None else weight * inv
     if not training: return _affine(x - _per_channel(mean, x.dim()), scale, bias, x.dtype, fast), scale, inv
     d, a, q = _channel_stats(x, mean, fast)
@@ -171,18 +169,13 @@ def _affine_forward(x, mean, p, weight, bias, std_param, eps, training) -> tuple
 
 class _AffineFn(torch.autograd.Function):
     "`_affine_forward` as an autograd node for x, gamma and beta (mean and p come in detached: sg); saves x"
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(x, mean, p, weight, bias, std_param, eps, training):
-        return _affine_forward(x, mean, p, weight, bias, std_param, eps, training)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, mean, _, weight = inputs[:4]
+    def forward(ctx, x, mean, p, weight, bias, std_param, eps, training):
+        out, scale, inv, *stats = _affine_forward(x, mean, p, weight, bias, std_param, eps, training)
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(x, mean, weight, *output[1:3])
+        ctx.mark_non_differentiable(inv, *stats)
+        ctx.save_for_backward(x, mean, weight, scale, inv)
+        return out, inv, *stats
 
     @staticmethod
     def backward(ctx, g_out, *_):
@@ -191,53 +184,63 @@ class _AffineFn(torch.autograd.Function):
         x, mean, weight, scale, inv = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()  # double backward: differentiable plain forms
         if create_graph and weight is not None: scale = weight * inv
-        gx, gw, gb = _affine_grads(g_out, x, mean, scale, inv, (nx, nw, nb), not (create_graph or _is_tracing()))
+        gx, gw, gb = _affine_grads(g_out, x, mean, scale, inv, (nx, nw, nb), not create_graph)
         return gx, None, None, gw, gb, None, None, None
 
 # %% ../nbs/01_norm.ipynb #0c434c11
 def _nll_forward(a, q, log_std, inv, p, std_param, eps, gauge, reduction, check_finite) -> tuple:
     "(nll, its gradients per unit for mu and p) from the moments, no autograd"
     nll, g_mean, g_p = _gaussian_nll(a, q, log_std, inv, p, std_param, eps, gauge, reduction)
-    if check_finite and not _is_tracing():
-        if not math.isfinite(nll): _check_finite_stats(a, q)
-    else: nll = nll + 0 * a.sum()  # NaN, not inf, for an infinite activation: its spread is undefined
+    if not check_finite: return nll + 0 * a.sum(), g_mean, g_p  # NaN, not inf, for an infinite activation
+    if not math.isfinite(nll): _check_finite_stats(a, q)
     return nll, g_mean, g_p
 
 class _NLLFn(torch.autograd.Function):
     "`_nll_forward` as an autograd node for mu and the std parameter; saves per-channel tensors"
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(a, q, log_std, inv, mean, p, std_param, eps, gauge, reduction, check_finite):
-        return _nll_forward(a, q, log_std, inv, p, std_param, eps, gauge, reduction, check_finite)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        a, q, _, _, mean, p, std_param, eps, _, reduction, _ = inputs
+    def forward(ctx, a, q, log_std, inv, mean, p, std_param, eps, gauge, reduction, check_finite):
+        nll, g_mean, g_p = _nll_forward(a, q, log_std, inv, p, std_param, eps, gauge, reduction, check_finite)
         ctx.opts = std_param, eps, reduction
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(a, q, mean, p, *output[1:])
+        ctx.save_for_backward(a, q, mean, p, g_mean, g_p)
+        return nll
 
     @staticmethod
-    def backward(ctx, g, *_):
+    def backward(ctx, g):
         a, q, mean, p, g_mean, g_p = ctx.saved_tensors
         if torch.is_grad_enabled(): gm, gp = _nll_grads(g, a, q, mean, p, *ctx.opts)  # double backward
         else: gm, gp = g * g_mean, g * g_p
         return None, None, None, None, gm, gp, None, None, None, None, None
 
-def _eager(fn:type):
-    "`fn`'s apply without setup_context and without Function.apply's Python wrapper, for eager mode"
-    def forward(ctx, *inputs):
-        output = fn.forward(*inputs)
-        fn.setup_context(ctx, inputs, output)
-        return output
-    eager = type(f'{fn.__name__}Eager', (torch.autograd.Function,), dict(
-        forward=staticmethod(forward), backward=staticmethod(fn.backward), __doc__=f"{fn.__name__} for eager mode"))
-    return super(torch.autograd.Function, eager).apply
-
-_affine_eager, _nll_eager = _eager(_AffineFn), _eager(_NLLFn)
+_affine_node, _nll_node = (super(torch.autograd.Function, f).apply for f in (_AffineFn, _NLLFn))  # no Python wrapper
 
 # %% ../nbs/01_norm.ipynb #ae6832ff
+def _plain(x, mean, p, weight, bias, std_param, eps, training, gauge, reduction) -> tuple[Tensor, Tensor|None]:
+    "The layer (channels at dim 1) as plain differentiable ops"
+    log_std, inv = std_from_param(p, std_param, eps)
+    d = x - _per_channel(mean.detach(), x.dim())
+    out = _affine(d, inv.detach() if weight is None else weight * inv.detach(), bias, x.dtype, fast=False)
+    if not training: return out, None
+    _, a, q = _channel_stats(x.detach(), mean.detach(), fast=False)
+    delta = mean - mean.detach()
+    nll = log_std + 0.5 * (q - 2 * a * delta + delta.square()) * inv.square()  # E[(x - mu)^2] / sigma^2 / 2
+    if gauge: nll = nll - (log_std.detach() + 0.5)
+    return out, (nll.mean() if reduction == 'mean' else nll.sum())
+
+def _in_forward_ad() -> bool:
+    "Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level)"
+    return getattr(torch.autograd.forward_ad, '_current_level', -1) >= 0
+
+def _eager_forward(x, mean, p, weight, bias, std_param, eps, training, gauge, reduction, check_finite):
+    "The two nodes (channels at dim 1), or without gradient their forward alone"
+    args, grad = (x, mean.detach(), p.detach(), weight, bias, std_param, eps, training), torch.is_grad_enabled()
+    if grad: out, inv, *stats = _affine_node(*args)
+    else: out, _, inv, *stats = _affine_forward(*args)
+    if not training: return out, None
+    log_std = None if gauge else std_from_param(p.detach(), std_param, eps)[0]  # the gauge cancels it
+    nll_args = (*stats, log_std, inv, mean, p, std_param, eps, gauge, reduction, check_finite)
+    return out, (_nll_node(*nll_args) if grad else _nll_forward(*nll_args[:4], *nll_args[5:])[0])
+
+# %% ../nbs/01_norm.ipynb #7fe253b7
 def batchless_norm(
     input:Tensor, # Activations with channels at `channel_dim`
     mean:Tensor, # Learned means mu, shape (C,)
@@ -257,15 +260,10 @@ def batchless_norm(
     if training: _check_choice('nll_reduction', nll_reduction, NLL_REDUCTIONS)
     moved = channel_dim % input.dim() != 1
     x = input.movedim(channel_dim, 1) if moved else input
-    grad, tracing = torch.is_grad_enabled(), _is_tracing()
-    affine_fn, nll_fn = (_AffineFn.apply, _NLLFn.apply) if tracing else (_affine_eager, _nll_eager)
-    args = (x, mean.detach(), std_parameter.detach(), weight, bias, std_param, eps, training)
-    out, _, inv, *stats = affine_fn(*args) if grad else _affine_forward(*args)
-    if moved: out = out.movedim(1, channel_dim)
-    if not training: return out, None
-    log_std = None if gauge else std_from_param(std_parameter.detach(), std_param, eps)[0]  # the gauge cancels it
-    args = (*stats, log_std, inv, mean, std_parameter, std_param, eps, gauge, nll_reduction, check_finite)
-    return out, (nll_fn(*args) if grad else _nll_forward(*args[:4], std_parameter, *args[6:]))[0]
+    args = (x, mean, std_parameter, weight, bias, std_param, eps, training, gauge, nll_reduction)
+    if _is_tracing() or _in_forward_ad(): out, nll = _plain(*args)
+    else: out, nll = _eager_forward(*args, check_finite)
+    return (out.movedim(1, channel_dim) if moved else out), nll
 
 # %% ../nbs/01_norm.ipynb #7acc1ec4
 def batchless_norm_reference(input, mean, std_parameter, weight=None, bias=None, std_param='log', eps=1e-5, training=True,

@@ -30,8 +30,26 @@ def test_resume_a_0_1_0_run(tmp_path, name):
     done = FIXTURES/'done'/name
     want = torch.load(done/'model.pt', weights_only=True)
     got = torch.load(out/'model.pt', weights_only=True)
-    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert _history(res) == _history(json.loads((done/'metrics.json').read_text()))
+    assert want.keys() == got.keys()
+    if name == 'bn':  # batch norm's arithmetic is what 0.1.0 ran: bitwise
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        assert _history(res) == _history(json.loads((done/'metrics.json').read_text()))
+    else:  # BlN computes its moments about the learned mean since issue 13: float32 rounding apart (measured 3e-7)
+        for k in want: torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+        _assert_close_tree(_history(res), _history(json.loads((done/'metrics.json').read_text())))
+
+
+def _assert_close_tree(a, b):
+    "Equal structure and non-float values; floats equal to 1e-5 relative"
+    assert type(a) is type(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float)))
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a: _assert_close_tree(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for u, v in zip(a, b): _assert_close_tree(u, v)
+    elif isinstance(a, float): assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    else: assert a == b
 
 
 def test_load_a_0_1_0_run_directory():

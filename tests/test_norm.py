@@ -257,3 +257,29 @@ def test_property_fast_equals_reference(batch, channels, spatial, std_param, gau
                                        channel_dim=-1 if channels_last else 1, nll_reduction=reduction)
     torch.testing.assert_close((o1, n1, g1), (o2, n2, g2), rtol=1e-8, atol=1e-8)
     assert o1.shape == x.shape and n1.dim() == 0
+
+
+def test_empty_training_batch_raises_a_clear_error():
+    layer = BatchlessNorm2d(4)
+    with pytest.raises(ValueError, match=r"expected at least one value per channel in training \(got an empty batch of "
+                                         r"shape \(0, 4, 3, 3\)\)"):
+        layer(torch.randn(0, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"empty batch of shape \(0, 5\)"): BatchlessNorm1d(5)(torch.randn(0, 5))
+    assert layer.eval()(torch.randn(0, 4, 3, 3)).shape == (0, 4, 3, 3)  # inference maps nothing to nothing
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16, torch.float16])
+def test_dtype_mismatch_outside_autocast_raises_a_clear_error(dtype):
+    layer = BatchlessNorm2d(4)
+    x = torch.randn(2, 4, 3, 3, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"expected a torch.float32 input, the dtype of the layer's parameters \(got {dtype}\); "
+                                         rf"convert the input with .to\(torch.float32\) or the model with .to\({dtype}\)"):
+        layer(x)
+    assert layer.to(dtype)(x).dtype == dtype  # a layer of the input's dtype is fine
+
+
+def test_lower_precision_input_under_autocast_is_accepted():
+    layer = BatchlessNorm2d(4)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 4, 3, 3).bfloat16())
+    assert out.dtype == torch.bfloat16 and layer.nll.dtype == torch.float32

@@ -12,7 +12,7 @@ running total ("Total Allocated") over the step, i.e. the most bytes held at onc
 step: activations saved for backward, temporaries, gradients (set to None before the step) and the optimizer's
 temporaries. The parameters, the optimizer state and the input batch exist before the step and are not included
 (they are listed separately). It counts tensor bytes, not what the process's malloc keeps from the OS.
-On CUDA (--device cuda) torch.cuda.max_memory_allocated minus the memory allocated before the step is used instead.
+On CUDA (run by default when available, or --device cuda) torch.cuda.max_memory_allocated minus the memory allocated before the step is used instead.
 
 Run: python tests/benchmarks/bench_memory.py [--batch 256] [--micro 1 4 16 64 256] [--repeats 5] [--threads 2]
 """
@@ -98,15 +98,19 @@ def main():
     p.add_argument('--time-batch', type=int, default=64, help='batch size of the timed steps')
     p.add_argument('--repeats', type=int, default=5, help='timed steps per variant')
     p.add_argument('--threads', type=int, help='torch CPU threads')
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--device', choices=['cpu', 'cuda'], help='default: cpu, and cuda too when available')
     a = p.parse_args()
     if a.threads: torch.set_num_threads(a.threads)
-    device = torch.device(a.device)
+    for d in ([a.device] if a.device else ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])):
+        run(a, torch.device(d))
+
+
+def run(a, device):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(a.batch, 3, 32, 32, generator=g).mul_(2).sub_(1).to(device)
     y = torch.randint(0, 10, (a.batch,), generator=g).to(device)
     params, adam = state_bytes(a.norm, device)
-    print(f"paper CNN, {a.batch} inputs of 3x32x32, device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"\n== paper CNN, {a.batch} inputs of 3x32x32, device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"before the step (not counted below): parameters {params / MB:.2f} MB, Adam state {adam / MB:.2f} MB, "
           f"input batch {x.numel() * x.element_size() / MB:.2f} MB")
     print(f"\npeak tensor memory of one training step, effective batch {a.batch} "

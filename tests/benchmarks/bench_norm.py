@@ -1,11 +1,21 @@
-"""BatchlessNorm2d vs nn.BatchNorm2d: one training step (forward + NLL + backward), CPU fp32.
+"""One normalization layer, one training step (forward + NLL + backward): BlN vs BatchNorm, GroupNorm and identity.
 
-Prints time and saved-for-backward bytes as ratios BlN/BN measured side by side in one run
-(interleaved repeats, medians), plus the plain autograd reference for context.
-Run: python tests/benchmarks/bench_norm.py [--shape 64 64 32 32] [--repeats 30]
+For each input shape, every variant runs interleaved in one process (one step each per round); the figures are
+medians over the rounds and ratios to nn.BatchNorm2d, so load on the machine affects all variants alike. Also
+printed: the bytes autograd saves for backward (distinct storages packed by saved_tensors_hooks during the
+forward) and the aten ops of one step (dispatched below autograd, see bench_step.count_ops). Variants:
+identity (x * 1, the floor of a layer call), GN (nn.GroupNorm(32, C)), BN (nn.BatchNorm2d), BlN
+(BatchlessNorm2d), reference (batchless_norm_reference, the elementwise definition), and with --baseline PATH
+the BlN layer of another checkout's batchless_nb/norm.py.
+
+--compile compiles every variant with torch.compile. On a machine with CUDA the GPU figures follow the CPU ones
+(--device to choose one). --clock cpu times this thread's CPU time (steadier on a shared machine, 1 thread).
+Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_norm.py [--shape 64 64 32 32] [--shape 1 64 32 32] [--repeats 30]
 """
-import argparse, statistics, time
+import argparse, os, statistics, sys, time, warnings
 import torch, torch.nn as nn
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_step import OpCounter, load_baseline
 from batchless_nb.norm import BatchlessNorm2d, batchless_norm_reference
 
 
@@ -20,52 +30,84 @@ def saved_bytes(step):
     return sum(seen.values())
 
 
-def make_steps(shape, std_param='log'):
+def make_steps(shape, device, std_param='log', compile=False, baseline=None):
     C = shape[1]
-    x = torch.randn(*shape).mul_(2).add_(1).requires_grad_()
-    g = torch.randn(*shape)
-    bn, bln = nn.BatchNorm2d(C), BatchlessNorm2d(C, std_param=std_param)
-    ref = BatchlessNorm2d(C, std_param=std_param)
+    x = torch.randn(*shape, device=device).mul_(2).add_(1).requires_grad_()
+    g = torch.randn(*shape, device=device)
+    one = torch.ones((), device=device)
+    layers = {'identity': None, 'GN': nn.GroupNorm(min(32, C), C), 'BN': nn.BatchNorm2d(C),
+              'BlN': BatchlessNorm2d(C, std_param=std_param), 'reference': BatchlessNorm2d(C, std_param=std_param)}
+    if baseline is not None: layers['BlN@baseline'] = baseline.BatchlessNorm2d(C, std_param=std_param)
+    steps = {}
+    for k, layer in layers.items():
+        if layer is not None: layer.to(device)
+        if k == 'identity': f = lambda x: x * 1
+        elif k == 'reference': f = (lambda l: lambda x: batchless_norm_reference(x, l.mean, l.std_parameter, l.weight,
+                                                                                    l.bias, std_param))(layer)
+        else: f = layer
+        if compile: f = torch.compile(f)
+        bln = k.startswith('BlN')
 
-    def bn_step(backward=True):
-        out = bn(x)
-        if backward: out.backward(g)
-        return out
+        def step(backward=True, f=f, layer=layer, bln=bln, ref=k == 'reference'):
+            out = f(x)
+            outs = list(out) if ref else [out] + ([layer.nll] if bln else [])
+            if backward: torch.autograd.backward(outs, [g, one][:len(outs)])
+            return outs[0]
+        steps[k] = step
+    return steps
 
-    def bln_step(backward=True):
-        out = bln(x)
-        if backward: torch.autograd.backward([out, bln.nll], [g, torch.ones(())])
-        return out
 
-    def ref_step(backward=True):
-        out, nll = batchless_norm_reference(x, ref.mean, ref.std_parameter, ref.weight, ref.bias, std_param)
-        if backward: torch.autograd.backward([out, nll], [g, torch.ones(())])
-        return out
+def time_steps(steps, repeats, device, clock):
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    now = time.perf_counter if clock == 'wall' or device.type == 'cuda' else time.thread_time
+    for f in steps.values():
+        for _ in range(3): f()  # warm-up (and compilation)
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, f in steps.items():
+            sync(); t = now(); f(); sync()
+            times[k].append(now() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
-    return {'BN': bn_step, 'BlN': bln_step, 'reference': ref_step}
+
+def run(a, device):
+    base = load_baseline(a.baseline) if a.baseline else None
+    print(f"\n== device {device}, std_param={a.std_param!r}, {a.repeats} interleaved rounds, {a.clock} clock, compile={a.compile}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for shape in a.shape:
+        torch.manual_seed(0)
+        steps = make_steps(shape, device, a.std_param, a.compile, base)
+        med = time_steps(steps, a.repeats, device, a.clock)
+        mem = {k: saved_bytes(f) for k, f in steps.items()}
+        ops = {}
+        if not a.compile:
+            for k, f in steps.items():
+                with OpCounter() as c: f()
+                ops[k] = sum(c.ops.values())
+        print(f"input {tuple(shape)}:")
+        print(f"  {'variant':14s} {'us/step':>10s} {'/BN':>7s} {'/GN':>7s} {'saved MiB':>10s} {'/BN':>7s}" + (f" {'ops':>5s}" if ops else ''))
+        for k in steps:
+            row = (f"  {k:14s} {med[k] * 1e6:10.1f} {med[k] / med['BN']:7.3f} {med[k] / med['GN']:7.3f} "
+                   f"{mem[k] / 2**20:10.3f} {mem[k] / max(mem['BN'], 1):7.3f}")
+            print(row + (f" {ops[k]:5d}" if ops else ''))
 
 
 def main():
+    warnings.filterwarnings('ignore', message='BatchlessNorm computed an NLL term')  # saved_bytes runs a forward alone
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--shape', type=int, nargs=4, default=[64, 64, 32, 32])
+    p.add_argument('--shape', type=int, nargs=4, action='append', help='input shape N C H W (repeat for several)')
     p.add_argument('--repeats', type=int, default=30)
     p.add_argument('--std-param', default='log', choices=['log', 'abs', 'inv'])
+    p.add_argument('--compile', action='store_true', help='torch.compile every variant')
+    p.add_argument('--clock', choices=['wall', 'cpu'], default='wall', help="wall time, or this thread's CPU time")
+    p.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    p.add_argument('--device', choices=['cpu', 'cuda'], help='default: cpu, and cuda too when available')
+    p.add_argument('--baseline', help="another checkout's batchless_nb/norm.py, timed as an extra variant")
     a = p.parse_args()
-    torch.manual_seed(0)
-    steps = make_steps(a.shape, a.std_param)
-    times = {k: [] for k in steps}
-    for f in steps.values(): f(); f()  # warm up
-    for _ in range(a.repeats):
-        for k, f in steps.items():
-            t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {k: saved_bytes(f) for k, f in steps.items()}
-    print(f"input {tuple(a.shape)} fp32 on CPU, std_param={a.std_param!r}, {a.repeats} interleaved repeats, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    for k in steps:
-        print(f"{k:>10}: {med[k] * 1e3:8.2f} ms/step  {mem[k] / 2**20:8.3f} MiB saved for backward")
-    for k in ('BlN', 'reference'):
-        print(f"ratio {k}/BN: time {med[k] / med['BN']:.3f}  saved bytes {mem[k] / mem['BN']:.4f}")
+    a.shape = a.shape or [[64, 64, 32, 32]]
+    torch.set_num_threads(a.threads)
+    for d in ([a.device] if a.device else ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])):
+        run(a, torch.device(d))
 
 
 if __name__ == '__main__':

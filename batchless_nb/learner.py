@@ -318,7 +318,10 @@ def fit(self:Learner,
 CHECKPOINT_VERSION = 2  # 0: batchless_nb 0.1.0, whose Learner held the BlN statistics' optimizer itself; 1: no digest
 
 class CheckpointError(ValueError):
-    "A checkpoint file that cannot be used; the message names it, says what is wrong and what to do"
+    "A checkpoint file that cannot be used; the message names it, says what is wrong (`what`) and what to do"
+    def __init__(self, what:str, todo:str|None=None):
+        super().__init__(what if todo is None else f"{what}; {todo}")
+        self.what = what
 
 class CheckpointWarning(UserWarning):
     "A missing or damaged checkpoint was replaced by the previous one beside it"
@@ -416,12 +419,12 @@ def read_checkpoint(
     if not fallback or not prev.is_file():
         if isinstance(first, FileNotFoundError):
             raise FileNotFoundError(f"{first}; train with a Checkpoint callback or call save first")
-        raise CheckpointError(f"{first}, and there is no previous checkpoint {prev}: restore the file from a backup, "
-                              "or train from the start without loading it") from first
+        raise CheckpointError(f"{first}, and there is no previous checkpoint {prev}",
+                              "restore the file from a backup, or train from the start without loading it") from first
     try: sd = _read(prev)
     except CheckpointError as e:
-        raise CheckpointError(f"{first}, and the previous checkpoint: {e}; no usable checkpoint is left: restore one from "
-                              "a backup, or train from the start without loading") from e
+        raise CheckpointError(f"{first}, and the previous checkpoint: {e}",
+                              "no usable checkpoint is left: restore one from a backup, or train from the start without loading") from e
     warnings.warn(f"{first}; using the previous checkpoint {prev} (step {sd['step']}) instead", CheckpointWarning, stacklevel=2)
     return sd, prev
 
@@ -480,8 +483,8 @@ def load(self:Learner,
     sd, used = read_checkpoint(path, fallback)
     try: self.load_state_dict(sd)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{used} does not fit this learner ({_why(e)}); build the learner with the model, callbacks "
-                              "and settings the checkpoint was saved with") from e
+        raise CheckpointError(f"{used} does not fit this learner ({_why(e)})",
+                              "build the learner with the model, callbacks and settings the checkpoint was saved with") from e
     self.last_checkpoint = (used, self.step)
     return self
 

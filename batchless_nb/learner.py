@@ -170,7 +170,7 @@ def _forward_loss(self:Learner):
     with self._autocast():
         try: self.preds = self._fwd(self.xb)
         except FloatingPointError as e:
-            raise NonFiniteLossError(f"non-finite activations at step {self.step} (epoch {self.epoch}): {e}") from e
+            raise NonFiniteLossError(f"non-finite activations at step {self.step} (epoch {self.epoch}), {self._last_good()}: {e}") from e
         self.task_loss = self.loss_func(self.preds, self.yb)
     self.loss, self.terms = self.task_loss, {}
     self.callback('after_loss')

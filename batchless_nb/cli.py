@@ -102,7 +102,7 @@ def _check_resumable(out:Path, config:dict):
     old = json.loads((out/'config.json').read_text())
     old = _BEFORE_OPTIONS | old  # a run made before an option existed ran as these say
     diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
-    if diff: raise ValueError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
+    if diff: raise RunDirError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
                               "resume with the same settings or use another --out")
 
 # %% ../nbs/05_cli.ipynb #bc2094d5

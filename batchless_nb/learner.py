@@ -397,8 +397,8 @@ def _read(path:Path) -> dict:
     try: sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise CheckpointError(f"{path} cannot be read ({_why(e)})") from e
     if not isinstance(sd, dict) or not {'model', 'opt', 'step'} <= sd.keys():
-        raise CheckpointError(f"{path} holds a {type(sd).__name__}{f' with keys {list(sd)[:6]}' if isinstance(sd, dict) else ''}, "
-                              "not a training checkpoint written by Learner.save")
+        raise CheckpointError(f"{path} is not a training checkpoint written by Learner.save (it holds a {type(sd).__name__}"
+                              f"{f' with keys {list(sd)[:6]}' if isinstance(sd, dict) else ''})")
     if not isinstance(sd.get('version', 0), int) or sd.get('version', 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} has format {sd.get('version')!r}, newer than this batchless_nb reads "
                               f"({CHECKPOINT_VERSION}): upgrade batchless_nb to resume it")

@@ -394,6 +394,8 @@ def _read(path:Path) -> dict:
     "The checkpoint at `path`, on the CPU, verified; FileNotFoundError or CheckpointError saying what is wrong"
     if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}")
     if path.stat().st_size == 0: raise CheckpointError(f"{path} is empty (0 bytes)")
+    with open(path, 'rb') as f:
+        if f.read(4) != b'PK\x03\x04': raise CheckpointError(f"{path} is not a checkpoint: it does not start as the zip archives torch.save writes")
     try: sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise CheckpointError(f"{path} cannot be read ({_why(e)})") from e
     if not isinstance(sd, dict) or not {'model', 'opt', 'step'} <= sd.keys():

@@ -221,7 +221,7 @@ def flip_pickle_byte(path:Path, at:int=40):
 class _Evil:
     def __reduce__(self): return (os.system, ('touch PWNED',))
 
-def _malicious(p:Path): p.write_bytes(pickle.dumps({'model': _Evil(), 'opt': {}, 'step': 0}))
+def _malicious(p:Path): torch.save({'model': _Evil(), 'opt': {}, 'step': 0}, p)  # a torch archive whose pickle runs a command
 
 def _newer(p:Path):
     sd = torch.load(p, weights_only=True); sd['version'] = 99
@@ -245,7 +245,9 @@ BAD_CHECKPOINTS = [  # (what was done to checkpoint.pt (step 6 of a cut run), th
      "{p} is damaged: its content does not match the SHA-256 digest saved with it"),
     ('byte flip in the pickle', flip_pickle_byte, "{p} "),
     ('deleted', lambda p: p.unlink(), "no checkpoint at {p}"),
-    ('replaced by text', lambda p: p.write_text('hello'), "{p} cannot be read ("),
+    ('replaced by text', lambda p: p.write_text('hello'), "{p} is not a checkpoint: it does not start as the zip archives torch.save writes"),
+    ('replaced by a plain pickle', lambda p: p.write_bytes(pickle.dumps({'model': {}, 'opt': {}, 'step': 0})),
+     "{p} is not a checkpoint: it does not start as the zip archives torch.save writes"),
     ('replaced by a model state_dict', _model_state, "{p} is not a training checkpoint written by Learner.save (it holds a dict with keys ['fc.weight'])"),
     ('replaced by a malicious pickle', _malicious,
      "{p} cannot be read (it holds objects other than tensors and plain data, which the safe loader refuses)"),

@@ -432,11 +432,13 @@ def read_checkpoint(
 
 # %% ../nbs/03b_learner.ipynb #637aeec8
 def _to(x, device:torch.device):
-    "`x` (dicts, lists, tuples of tensors, nested) with its tensors moved to `device`"
+    "`x` (dicts, lists, tuples of tensors, nested) with its tensors moved to `device`; a state dict keeps its `_metadata`"
     if isinstance(x, Tensor): return x.to(device)
-    if isinstance(x, dict): return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, (list, tuple)): return type(x)(_to(v, device) for v in x)
-    return x
+    if not isinstance(x, dict): return x
+    y = type(x)((k, _to(v, device)) for k, v in x.items())
+    if hasattr(x, '_metadata'): y._metadata = x._metadata  # module versions, which `load_state_dict` reads
+    return y
 
 @patch
 def _load_callbacks(self:Learner, sd:dict):

@@ -62,7 +62,7 @@ def device_name(v:str) -> str:
 
 # %% ../nbs/05_cli.ipynb #1d2c34b3
 SETTING_CHECKS = {
-    'dataset': one_of(DATASETS), 'model': one_of(MODELS), 'norm': one_of(NORMS), 'dtype': one_of(('float32', 'float64')),
+    'dataset': one_of(DATASETS), 'model': one_of(MODELS), 'norm': one_of(NORMS), 'dtype': one_of(DTYPES),
     'valid': one_of(VALID_MODES), 'stats_update': one_of(STATS_UPDATES), 'amp': one_of(('bf16', 'fp16')),
     'norm_position': one_of(NORM_POSITIONS), 'init_passes': one_of((1, 2)), 'device': device_name,
     'batch_size': positive_int, 'micro_batch_size': positive_int, 'epochs': positive_int, 'train_samples': positive_int,
@@ -411,7 +411,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument('--batch-size', type=positive_int, default=64, help='effective (global) batch size')
     t.add_argument('--seed', type=int, default=0)
     t.add_argument('--out', help='output directory (default: runs/NORM-bsB-seedS)')
-    t.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
+    t.add_argument('--resume', action='store_true',
+                   help='continue the run in --out from its checkpoint (or the previous one, if the latest is missing or damaged)')
     t.add_argument('--stats-every', type=positive_int, help='record the BlN statistics every N steps')
     t.add_argument('--no-progress', dest='progress', action='store_false')
     s = sub.add_parser('sweep', help='norms x batch sizes x seeds, resumable',

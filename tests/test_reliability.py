@@ -156,6 +156,22 @@ def test_bad_run_directory(tmp_path, capsys, finished, what, damage, args, messa
     assert snapshot(out) == before
 
 
+def _sysfs_refuses() -> bool:
+    "Whether /sys refuses new files (sysfs does, even to root): a directory to test an unwritable --out as root"
+    import tempfile
+    try: tempfile.TemporaryFile(dir='/sys').close()
+    except OSError: return True
+    return False
+
+
+@pytest.mark.skipif(not Path('/sys').is_dir() or not _sysfs_refuses(), reason='no directory here refuses files to this user')
+def test_unwritable_out_refused_before_training(capsys):
+    "The read-only case above, where it cannot run as root: a --resume into a directory that takes no files"
+    code, err = main_result([*TRAIN, '--resume', '--out', '/sys/batchless-run'], capsys)
+    assert code == 2 and err == ("batchless-nb train: error: cannot write to /sys/batchless-run: Permission denied in /sys; "
+                                 "choose a writable out directory\n"), err
+
+
 def test_resume_of_an_unstarted_run_starts_afresh(tmp_path):
     "A directory with only the settings (killed before its first checkpoint) is no run to protect: --resume starts it"
     (tmp_path/'run').mkdir(); (tmp_path/'run'/'config.json').write_text('{}')

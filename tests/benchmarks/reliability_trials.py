@@ -11,13 +11,15 @@ compares the end with an uninterrupted run: model.pt bitwise, and the history wi
   (truncated, emptied, a byte changed in tensor data or anywhere, deleted, replaced by garbage); in one trial of
   five the previous checkpoint too, when the resume must refuse (exit code 2) and leave the directory as it was;
 - write kills: SIGKILL halfway through writing a random checkpoint, or between its two renames.
-Run it under `nice -n 15` (about 25 minutes on two busy cores with the defaults)."""
+Run it under `nice -n 15`; each trial is two runs of about 10 s of CPU each."""
 import argparse, json, os, random, shutil, signal, subprocess, sys, tempfile, textwrap, time, zipfile
 from pathlib import Path
 import torch
 
+# digits CNN with BlN and dropout, 480 training samples in batches of 16: 30 steps an epoch, 60 in all, a checkpoint every 10
 ARGS = ['train', '--dataset', 'digits', '--model', 'digits_cnn', '--norm', 'bln-log', '--batch-size', '16', '--epochs', '2',
-        '--dropout', '0.25', '--checkpoint-every', '10', '--track-batches', '1', '--threads', '1', '--no-progress']
+        '--train-samples', '480', '--dropout', '0.25', '--checkpoint-every', '10', '--track-batches', '1', '--threads', '1', '--no-progress']
+EVERY = 10
 
 CHILD = textwrap.dedent('''
     import os, signal, sys
@@ -147,7 +149,7 @@ def trials(n_kills:int, n_timer:int, n_corrupt:int, n_write:int, seed:int, root:
             record('timer kill', what + ' (before config.json)', *_resume(out, ref)); continue
         record('timer kill', what + f" ({len(list(out.glob('.*.tmp')))} stale tmp)", *_resume(out, ref))
     for i in range(n_corrupt):
-        k = rng.randrange(25, steps)  # checkpoints at steps 10, 20, ...: at least two exist
+        k = rng.randrange(2 * EVERY + 1, steps)  # at least two checkpoints exist
         out = root/f'corrupt{i}'
         r = _run(ARGS, out, ('step', f'{k}:after'))
         how = rng.choice(DAMAGES)
@@ -161,7 +163,7 @@ def trials(n_kills:int, n_timer:int, n_corrupt:int, n_write:int, seed:int, root:
         else: record('corrupt', what, *_resume(out, ref))
     for i in range(n_write):
         mode = rng.choice(['write', 'rename'])
-        n = rng.randrange(2 if mode == 'rename' else 1, 9)  # checkpoints of steps 10..70, 72, 80.. (the first has nothing to rename)
+        n = rng.randrange(2 if mode == 'rename' else 1, steps // EVERY + 1)  # the n-th checkpoint (the first has nothing to rename)
         out = root/f'write{i}'
         r = _run(ARGS, out, (mode, str(n)))
         what = f"killed {'halfway through writing' if mode == 'write' else 'between the renames of'} checkpoint {n}"

@@ -31,6 +31,23 @@ class BatchlessTraining(Callback):
             raise ValueError(f"stats_update must be one of {STATS_UPDATES} (got {stats_update!r})")
         self.stats_update, self.stats_lr, self.stats_eta, self.opt = stats_update, stats_lr, stats_eta, None
 
+# %% ../nbs/03c_callbacks.ipynb #71caf15a
+def batchless_learner(
+    model, # A model with BlN layers (others train too: their NLL term is 0)
+    dls, # (train, valid) DataLoaders
+    stats_update:str='paper', # How the statistics learn, see `BatchlessTraining`
+    stats_lr:float|None=None, # With 'paper': the statistics' learning rate (None: `lr`)
+    stats_eta:float=0.1, # With 'natural': the weight of each batch in the statistics' moving average
+    cbs:list|None=None, # More callbacks, e.g. `InitBatchless()`, `TrackStats()`
+    **kwargs, # Passed to `Learner`: loss_func, opt_func, lr, wd, micro_batch_size, device, amp, ...
+) -> Learner:
+    "A `Learner` that trains BlN layers: their NLL terms in the loss, their statistics updated by `stats_update`"
+    return Learner(model, dls, cbs=[BatchlessTraining(stats_update, stats_lr, stats_eta), *(cbs or [])], **kwargs)
+
+def bln_callback(learn:Learner) -> BatchlessTraining|None:
+    "The learner's `BatchlessTraining` callback, or None"
+    return next((cb for cb in learn.cbs if isinstance(cb, BatchlessTraining)), None)
+
 # %% ../nbs/03c_callbacks.ipynb #dbd769e3
 @patch
 def before_create_opt(self:BatchlessTraining, learn):
@@ -77,23 +94,6 @@ def migrate_checkpoint(self:BatchlessTraining, sd:dict):
     "0.1.0 kept the natural update's optimizer at the top of the checkpoint"
     opt = sd.pop('stats_opt', None)
     sd['cbs'][type(self).__name__] = {'stats_update': 'paper' if opt is None else 'natural', 'opt': opt}
-
-# %% ../nbs/03c_callbacks.ipynb #71caf15a
-def batchless_learner(
-    model, # A model with BlN layers (others train too: their NLL term is 0)
-    dls, # (train, valid) DataLoaders
-    stats_update:str='paper', # How the statistics learn, see `BatchlessTraining`
-    stats_lr:float|None=None, # With 'paper': the statistics' learning rate (None: `lr`)
-    stats_eta:float=0.1, # With 'natural': the weight of each batch in the statistics' moving average
-    cbs:list|None=None, # More callbacks, e.g. `InitBatchless()`, `TrackStats()`
-    **kwargs, # Passed to `Learner`: loss_func, opt_func, lr, wd, micro_batch_size, device, amp, ...
-) -> Learner:
-    "A `Learner` that trains BlN layers: their NLL terms in the loss, their statistics updated by `stats_update`"
-    return Learner(model, dls, cbs=[BatchlessTraining(stats_update, stats_lr, stats_eta), *(cbs or [])], **kwargs)
-
-def bln_callback(learn:Learner) -> BatchlessTraining|None:
-    "The learner's `BatchlessTraining` callback, or None"
-    return next((cb for cb in learn.cbs if isinstance(cb, BatchlessTraining)), None)
 
 # %% ../nbs/03c_callbacks.ipynb #9462037f
 class InitBatchless(Callback):

@@ -20,9 +20,9 @@ from .distributed import distributed_train_loader, shard
 
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'Callback', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'CancelValidateException', 'NonFiniteLossError', 'DivergedError', 'run_cbs', 'with_cbs', 'Learner',
-           'CheckpointError', 'CheckpointWarning', 'checkpoint_digest', 'previous_checkpoint', 'read_checkpoint',
-           'Recorder', 'ProgressCB', 'Checkpoint', 'DivergenceCheck']
+           'CancelValidateException', 'NonFiniteLossError', 'DivergedError', 'run_cbs', 'with_cbs', 'Recorder',
+           'ProgressCB', 'Learner', 'CheckpointError', 'CheckpointWarning', 'checkpoint_digest', 'previous_checkpoint',
+           'read_checkpoint', 'Checkpoint', 'DivergenceCheck']
 
 # %% ../nbs/03b_learner.ipynb #9df5159f
 EVENTS = ('before_fit', 'before_create_opt', 'before_epoch', 'before_batch', 'after_loss', 'after_backward',
@@ -64,6 +64,130 @@ class with_cbs:
             except self.cancel: pass
             finally: o.callback(f'cleanup_{self.nm}')
         return _f
+
+# %% ../nbs/03b_learner.ipynb #15b74c8b
+def _is_classification(y:Tensor) -> bool: return not y.is_floating_point() and y.dim() == 1
+
+def _n_correct(preds:Tensor, y:Tensor) -> Tensor:
+    "Correct predictions (float64 scalar); 0 when the targets are not class labels"
+    if not _is_classification(y) or preds.dim() != 2: return torch.zeros((), dtype=torch.float64, device=preds.device)
+    return (preds.argmax(1) == y).sum().double()
+
+# %% ../nbs/03b_learner.ipynb #4a40f12c
+def _flat_terms(terms:dict) -> dict[str, Tensor]:
+    "{'a': t, 'g': {'x': u}} -> {'a': t, 'g/x': u}"
+    return {f'{k}/{j}' if isinstance(v, dict) else k: u for k, v in terms.items()
+            for j, u in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+def _v0_sums(t:Tensor, keys:list[str]) -> Tensor:
+    "Sums of batchless_nb 0.1.0, laid out [train_loss, train_nll, correct, n, NLL per BlN layer], in `keys`' order"
+    if keys[:2] != ['train_loss', 'train_nll'] or len(keys) != len(t):
+        raise ValueError(f"expected a learner with the BlN training callback to resume this 0.1.0 checkpoint (got terms {keys})")
+    return torch.cat([t[:2], t[4:], t[2:4]])
+
+# %% ../nbs/03b_learner.ipynb #92db615a
+class Recorder(Callback):
+    "Fill `learn.history` with per-epoch and per-`log_every`-steps metrics"
+    order = -20
+    def __init__(self,
+        log_every:int|None=None, # Steps per record in `history['steps']`; None: about 50 per epoch
+    ): self.log_every, self.keys, self.groups, self.epoch_sums, self.window_sums, self._v0 = log_every, None, None, None, None, None
+
+    def before_fit(self, learn): self.mem = PeakMemory(learn.device)
+
+    def before_epoch(self, learn):
+        if learn.step_in_epoch == 0:  # a new epoch: its sums start at zero
+            if self.keys is not None: self.epoch_sums = torch.zeros_like(self.epoch_sums)
+            elif self._v0 is not None: self._v0 = (torch.zeros_like(self._v0[0]), self._v0[1])
+        self.t0 = time.perf_counter()
+        self.mem.reset()
+        learn.history['mem_kind'] = self.mem.kind
+
+    def _start(self, learn):
+        "Name the sums after the first micro-batch's terms: task loss, terms, correct, count"
+        self.keys = ['train_loss', *_flat_terms(learn.terms), 'correct', 'n']
+        self.groups = [k for k, v in learn.terms.items() if isinstance(v, dict)]
+        zeros = lambda: torch.zeros(len(self.keys), dtype=torch.float64, device=learn.device)
+        if self._v0 is None: self.epoch_sums, self.window_sums = zeros(), zeros()
+        else: self.epoch_sums, self.window_sums = (_v0_sums(t, self.keys).to(learn.device) for t in self._v0)
+        self._v0 = None
+
+# %% ../nbs/03b_learner.ipynb #b76fb199
+@patch
+def after_loss(self:Recorder, learn):
+    if self.keys is None: self._start(learn)
+    n = len(learn.yb)
+    terms = [t.detach().double() * n for t in _flat_terms(learn.terms).values()]
+    row = torch.stack([learn.task_loss.detach().double() * n, *terms, _n_correct(learn.preds.detach(), learn.yb),
+                       torch.zeros((), dtype=torch.float64, device=learn.device) + n])
+    self.epoch_sums = self.epoch_sums + row; self.window_sums = self.window_sums + row
+    self.classification = _is_classification(learn.yb)
+
+@patch
+def _means(self:Recorder, sums:Tensor) -> dict:
+    "The sums as means per sample, terms grouped back into dicts"
+    s = dict(zip(self.keys, all_sum(sums.clone()).tolist()))
+    n = s['n'] or float('nan')
+    out = {'train_loss': s['train_loss'] / n} | {g: {} for g in self.groups}
+    for k in self.keys[1:-2]:
+        g, _, name = k.partition('/')
+        if g in self.groups: out[g][name] = s[k] / n
+        else: out[k] = s[k] / n
+    return out | {'train_acc': s['correct'] / n if getattr(self, 'classification', False) else None}
+
+# %% ../nbs/03b_learner.ipynb #e7eadfa5
+@patch
+def after_batch(self:Recorder, learn):
+    if self.keys is None or learn.step % (self.log_every or max(1, round(len(learn.train_dl) / 50))): return
+    m = self._means(self.window_sums)
+    del m['train_acc']
+    learn.history['steps'].append({'step': learn.step, 'epoch': learn.epoch + learn.step_in_epoch / len(learn.train_dl), **m})
+    self.window_sums = torch.zeros_like(self.window_sums)
+
+@patch
+def after_epoch(self:Recorder, learn):
+    v = learn.valid_metrics or {}
+    learn.history['epochs'].append({'epoch': learn.epoch, 'step': learn.step, **self._means(self.epoch_sums),
+                                    'valid_loss': v.get('loss'), 'valid_acc': v.get('acc'),
+                                    'time': time.perf_counter() - self.t0, 'peak_mem_mb': self.mem.read()})
+
+@patch
+def state_dict(self:Recorder) -> dict:
+    return {'keys': self.keys, 'groups': self.groups, 'epoch_sums': self.epoch_sums.cpu(), 'window_sums': self.window_sums.cpu()}
+
+@patch
+def load_state_dict(self:Recorder, d:dict):
+    if 'keys' not in d: self._v0 = (d['epoch_sums'], d['window_sums']); return  # 0.1.0: named at the first micro-batch
+    self.keys, self.groups, self.epoch_sums, self.window_sums = d['keys'], d['groups'], d['epoch_sums'], d['window_sums']
+
+# %% ../nbs/03b_learner.ipynb #898c8c76
+class ProgressCB(Callback):
+    "tqdm bars over epochs and batches (notebook widgets in Jupyter), and one line of metrics per epoch"
+    order = 100
+    def __init__(self, leave_batches:bool=False): self.leave_batches, self.ebar, self.bbar = leave_batches, None, None
+
+    def before_fit(self, learn):
+        self.ebar = tqdm(total=learn.n_epochs, initial=learn.epoch, desc='epochs', unit='epoch')
+
+    def before_epoch(self, learn):
+        self.bbar = tqdm(total=len(learn.train_dl), initial=learn.step_in_epoch, desc=f'epoch {learn.epoch + 1}',
+                         leave=self.leave_batches, unit='step')
+
+    def after_batch(self, learn):
+        self.bbar.update(1)
+        steps = learn.history['steps']
+        if steps and steps[-1]['step'] == learn.step: self.bbar.set_postfix(loss=f"{steps[-1]['train_loss']:.4f}")
+
+    def after_epoch(self, learn):
+        self.bbar.close()
+        rec = learn.history['epochs'][-1]
+        shown = [(k, v) for k, v in rec.items() if k.startswith(('train_', 'valid_')) and isinstance(v, float)]
+        self.ebar.write(f"epoch {rec['epoch']}: " + '  '.join(f"{k} {v:.4f}" for k, v in shown) + f"  time {rec['time']:.1f}s")
+        self.ebar.update(1)
+
+    def cleanup_fit(self, learn):
+        for bar in (self.bbar, self.ebar):
+            if bar is not None: bar.close()
 
 # %% ../nbs/03b_learner.ipynb #42159a3b
 def _amp_dtype(amp, device:torch.device) -> torch.dtype|None:
@@ -231,14 +355,7 @@ def one_batch(self:Learner):
     self.callback('after_backward')
     self._step()
 
-# %% ../nbs/03b_learner.ipynb #1ce3ec00
-def _is_classification(y:Tensor) -> bool: return not y.is_floating_point() and y.dim() == 1
-
-def _n_correct(preds:Tensor, y:Tensor) -> Tensor:
-    "Correct predictions (float64 scalar); 0 when the targets are not class labels"
-    if not _is_classification(y) or preds.dim() != 2: return torch.zeros((), dtype=torch.float64, device=preds.device)
-    return (preds.argmax(1) == y).sum().double()
-
+# %% ../nbs/03b_learner.ipynb #7ab27c97
 @patch
 @torch.no_grad()
 def validate(self:Learner,
@@ -358,7 +475,7 @@ def checkpoint_digest(sd:dict) -> str:
     _feed(h, {k: v for k, v in sd.items() if k != 'sha256'})
     return h.hexdigest()
 
-# %% ../nbs/03b_learner.ipynb #f5ffabe2
+# %% ../nbs/03b_learner.ipynb #e00ab050
 def previous_checkpoint(path:str|Path) -> Path:
     "Where `save` keeps the checkpoint that `path` replaced: NAME.prev.SUFFIX beside it"
     path = Path(path)
@@ -382,7 +499,7 @@ def save(self:Learner,
         atomic_write(path, lambda f: torch.save(sd, f), keep=keep)
     self.last_checkpoint = (path, self.step)
 
-# %% ../nbs/03b_learner.ipynb #12b5eba7
+# %% ../nbs/03b_learner.ipynb #9282f978
 def _why(e:BaseException) -> str:
     "What went wrong in one line, without torch's advice to load unsafely"
     msg = ' '.join(str(e).split())
@@ -408,7 +525,7 @@ def _read(path:Path) -> dict:
         raise CheckpointError(f"{path} is damaged: its content does not match the SHA-256 digest saved with it")
     return sd
 
-# %% ../nbs/03b_learner.ipynb #e7d3c3b4
+# %% ../nbs/03b_learner.ipynb #ec17a2e7
 def read_checkpoint(
     path:str|Path, # A checkpoint written by `Learner.save`
     fallback:bool=True, # If it is missing or damaged, read `previous_checkpoint(path)` instead (with a warning)
@@ -430,7 +547,7 @@ def read_checkpoint(
     warnings.warn(f"{first}; using the previous checkpoint {prev} (step {sd['step']}) instead", CheckpointWarning, stacklevel=2)
     return sd, prev
 
-# %% ../nbs/03b_learner.ipynb #637aeec8
+# %% ../nbs/03b_learner.ipynb #5e9e9174
 def _to(x, device:torch.device):
     "`x` (dicts, lists, tuples of tensors, nested) with its tensors moved to `device`; a state dict keeps its `_metadata`"
     if isinstance(x, Tensor): return x.to(device)
@@ -461,7 +578,7 @@ def _load_order(self:Learner, sd:dict):
                          'cuda': None if sd['rng']['cuda'] is None else [s.cpu() for s in sd['rng']['cuda']]}
     set_rng_states(self._pending_rng)
 
-# %% ../nbs/03b_learner.ipynb #c2db9564
+# %% ../nbs/03b_learner.ipynb #2bb83478
 @patch
 def load_state_dict(self:Learner, sd:dict):
     "Restore the training state from a checkpoint's dict (see `read_checkpoint`)"
@@ -492,124 +609,6 @@ def load(self:Learner,
     self.last_checkpoint = (used, self.step)
     return self
 
-# %% ../nbs/03b_learner.ipynb #4a40f12c
-def _flat_terms(terms:dict) -> dict[str, Tensor]:
-    "{'a': t, 'g': {'x': u}} -> {'a': t, 'g/x': u}"
-    return {f'{k}/{j}' if isinstance(v, dict) else k: u for k, v in terms.items()
-            for j, u in (v.items() if isinstance(v, dict) else [(None, v)])}
-
-def _v0_sums(t:Tensor, keys:list[str]) -> Tensor:
-    "Sums of batchless_nb 0.1.0, laid out [train_loss, train_nll, correct, n, NLL per BlN layer], in `keys`' order"
-    if keys[:2] != ['train_loss', 'train_nll'] or len(keys) != len(t):
-        raise ValueError(f"expected a learner with the BlN training callback to resume this 0.1.0 checkpoint (got terms {keys})")
-    return torch.cat([t[:2], t[4:], t[2:4]])
-
-# %% ../nbs/03b_learner.ipynb #c29efb45
-class Recorder(Callback):
-    "Fill `learn.history` with per-epoch and per-`log_every`-steps metrics"
-    order = -20
-    def __init__(self,
-        log_every:int|None=None, # Steps per record in `history['steps']`; None: about 50 per epoch
-    ): self.log_every, self.keys, self.groups, self.epoch_sums, self.window_sums, self._v0 = log_every, None, None, None, None, None
-
-    def before_fit(self, learn):
-        self.every = self.log_every or max(1, round(len(learn.train_dl) / 50))
-        self.mem = PeakMemory(learn.device)
-
-    def before_epoch(self, learn):
-        if learn.step_in_epoch == 0:  # a new epoch: its sums start at zero
-            if self.keys is not None: self.epoch_sums = torch.zeros_like(self.epoch_sums)
-            elif self._v0 is not None: self._v0 = (torch.zeros_like(self._v0[0]), self._v0[1])
-        self.t0 = time.perf_counter()
-        self.mem.reset()
-        learn.history['mem_kind'] = self.mem.kind
-
-    def _start(self, learn):
-        "Name the sums after the first micro-batch's terms: task loss, terms, correct, count"
-        self.keys = ['train_loss', *_flat_terms(learn.terms), 'correct', 'n']
-        self.groups = [k for k, v in learn.terms.items() if isinstance(v, dict)]
-        zeros = lambda: torch.zeros(len(self.keys), dtype=torch.float64, device=learn.device)
-        if self._v0 is None: self.epoch_sums, self.window_sums = zeros(), zeros()
-        else: self.epoch_sums, self.window_sums = (_v0_sums(t, self.keys).to(learn.device) for t in self._v0)
-        self._v0 = None
-
-# %% ../nbs/03b_learner.ipynb #b76fb199
-@patch
-def after_loss(self:Recorder, learn):
-    if self.keys is None: self._start(learn)
-    n = len(learn.yb)
-    terms = [t.detach().double() * n for t in _flat_terms(learn.terms).values()]
-    row = torch.stack([learn.task_loss.detach().double() * n, *terms, _n_correct(learn.preds.detach(), learn.yb),
-                       torch.zeros((), dtype=torch.float64, device=learn.device) + n])
-    self.epoch_sums = self.epoch_sums + row; self.window_sums = self.window_sums + row
-    self.classification = _is_classification(learn.yb)
-
-@patch
-def _means(self:Recorder, sums:Tensor) -> dict:
-    "The sums as means per sample, terms grouped back into dicts"
-    s = dict(zip(self.keys, all_sum(sums.clone()).tolist()))
-    n = s['n'] or float('nan')
-    out = {'train_loss': s['train_loss'] / n} | {g: {} for g in self.groups}
-    for k in self.keys[1:-2]:
-        g, _, name = k.partition('/')
-        if g in self.groups: out[g][name] = s[k] / n
-        else: out[k] = s[k] / n
-    return out | {'train_acc': s['correct'] / n if getattr(self, 'classification', False) else None}
-
-# %% ../nbs/03b_learner.ipynb #cc6d2d3a
-@patch
-def after_batch(self:Recorder, learn):
-    if learn.step % self.every or self.keys is None: return
-    m = self._means(self.window_sums)
-    del m['train_acc']
-    learn.history['steps'].append({'step': learn.step, 'epoch': learn.epoch + learn.step_in_epoch / len(learn.train_dl), **m})
-    self.window_sums = torch.zeros_like(self.window_sums)
-
-@patch
-def after_epoch(self:Recorder, learn):
-    v = learn.valid_metrics or {}
-    learn.history['epochs'].append({'epoch': learn.epoch, 'step': learn.step, **self._means(self.epoch_sums),
-                                    'valid_loss': v.get('loss'), 'valid_acc': v.get('acc'),
-                                    'time': time.perf_counter() - self.t0, 'peak_mem_mb': self.mem.read()})
-
-@patch
-def state_dict(self:Recorder) -> dict:
-    return {'keys': self.keys, 'groups': self.groups, 'epoch_sums': self.epoch_sums.cpu(), 'window_sums': self.window_sums.cpu()}
-
-@patch
-def load_state_dict(self:Recorder, d:dict):
-    if 'keys' not in d: self._v0 = (d['epoch_sums'], d['window_sums']); return  # 0.1.0: named at the first micro-batch
-    self.keys, self.groups, self.epoch_sums, self.window_sums = d['keys'], d['groups'], d['epoch_sums'], d['window_sums']
-
-# %% ../nbs/03b_learner.ipynb #898c8c76
-class ProgressCB(Callback):
-    "tqdm bars over epochs and batches (notebook widgets in Jupyter), and one line of metrics per epoch"
-    order = 100
-    def __init__(self, leave_batches:bool=False): self.leave_batches, self.ebar, self.bbar = leave_batches, None, None
-
-    def before_fit(self, learn):
-        self.ebar = tqdm(total=learn.n_epochs, initial=learn.epoch, desc='epochs', unit='epoch')
-
-    def before_epoch(self, learn):
-        self.bbar = tqdm(total=len(learn.train_dl), initial=learn.step_in_epoch, desc=f'epoch {learn.epoch + 1}',
-                         leave=self.leave_batches, unit='step')
-
-    def after_batch(self, learn):
-        self.bbar.update(1)
-        steps = learn.history['steps']
-        if steps and steps[-1]['step'] == learn.step: self.bbar.set_postfix(loss=f"{steps[-1]['train_loss']:.4f}")
-
-    def after_epoch(self, learn):
-        self.bbar.close()
-        rec = learn.history['epochs'][-1]
-        shown = [(k, v) for k, v in rec.items() if k.startswith(('train_', 'valid_')) and isinstance(v, float)]
-        self.ebar.write(f"epoch {rec['epoch']}: " + '  '.join(f"{k} {v:.4f}" for k, v in shown) + f"  time {rec['time']:.1f}s")
-        self.ebar.update(1)
-
-    def cleanup_fit(self, learn):
-        for bar in (self.bbar, self.ebar):
-            if bar is not None: bar.close()
-
 # %% ../nbs/03b_learner.ipynb #62f8aadc
 class Checkpoint(Callback):
     "Save the learner to `path` after every epoch and, optionally, every `every_steps` optimizer steps"
@@ -630,7 +629,7 @@ class Checkpoint(Callback):
 
     def after_epoch(self, learn): self._save(learn)
 
-# %% ../nbs/03b_learner.ipynb #736fd7ff
+# %% ../nbs/03b_learner.ipynb #7a7e687a
 class DivergenceCheck(Callback):
     "Stop training with `DivergedError`, before the step, when the mean task loss of a batch exceeds `max_loss`"
     order = -10

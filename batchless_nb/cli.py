@@ -4,34 +4,128 @@
 
 # %% ../nbs/05_cli.ipynb #00e7ff2b
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, math, sys, time
+import argparse, contextlib, dataclasses, json, math, os, sys, tempfile, time, warnings
 from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
-from .core import set_seed, is_distributed, rank, save_json, moved_names
-from .data import get_data, dataloaders, DATASETS, VALID_MODES
+from .core import set_seed, is_distributed, rank, save_json, moved_names, check_device, remove_stale_temporaries
+from .data import get_data, dataloaders, DATASETS, VALID_MODES, DataError
 from .registry import NORMS, norm_modules
 from .models import get_model, MODELS, NORM_POSITIONS
 from .norm import batchless_modules
 from .distributed import distributed
-from .learner import Callback, Checkpoint
+from .learner import (Callback, Checkpoint, DivergenceCheck, NonFiniteLossError, CheckpointError, CheckpointWarning,
+                                  read_checkpoint, previous_checkpoint)
 from .callbacks import batchless_learner, InitBatchless, STATS_UPDATES
 from .track import TrackStats
 from .runs import summarize, write_run, write_sweep, read_sweep, cell_key, cell_dir, results_table
 
 # %% auto #0
-__all__ = ['DEFAULT_MODELS', 'DTYPES', 'PRESETS', 'DEMO', 'train', 'sweep_cells', 'sweep', 'demo', 'main']
+__all__ = ['DEFAULT_MODELS', 'DTYPES', 'positive_int', 'positive_rate', 'open_fraction', 'dropout_rate', 'moving_weight',
+           'loss_bound', 'SETTING_CHECKS', 'PRESETS', 'DEMO', 'one_of', 'device_name', 'check_settings', 'RunDirError',
+           'train', 'sweep_cells', 'sweep', 'demo', 'main']
 
 # %% ../nbs/05_cli.ipynb #0d13394a
 DEFAULT_MODELS = {'digits': 'digits_cnn', 'cifar10': 'paper_cnn', 'gaussian': 'mlp'}
 DTYPES = {'float32': torch.float32, 'float64': torch.float64}
 # settings that change how a run executes, not what it computes; a resumed run may also train more epochs
-_EXECUTION = ('progress', 'device', 'compile', 'checkpoint_every', 'threads', 'data_path')
+_EXECUTION = ('progress', 'device', 'compile', 'checkpoint_every', 'threads', 'data_path', 'max_loss')
 _RESUMABLE = _EXECUTION + ('epochs', 'resume', 'out')
 _BEFORE_OPTIONS = {'norm_position': 'after', 'init_dropout': False}  # how runs made before these options ran
 
 # %% ../nbs/05_cli.ipynb #605bb7d7
+def _checker(convert, ok, expected:str):
+    "An argparse `type`: `convert` the value and accept it if `ok`, else an error saying what was `expected`"
+    def check(v):
+        try: x = convert(v)
+        except (TypeError, ValueError, OverflowError): x = None
+        if x is None or not ok(x) or (not isinstance(v, str) and x != v):
+            raise argparse.ArgumentTypeError(f"expected {expected} (got {v!r})")
+        return x
+    check.__name__ = expected  # argparse names a type by it in some messages
+    return check
+
+positive_int = _checker(int, lambda v: v >= 1, 'a positive integer')
+positive_rate = _checker(float, lambda v: 0 < v < math.inf, 'a finite positive number')
+open_fraction = _checker(float, lambda v: 0 < v < 1, 'a number between 0 and 1 (exclusive)')
+dropout_rate = _checker(float, lambda v: 0 <= v < 1, 'a rate from 0 up to, not including, 1')
+moving_weight = _checker(float, lambda v: 0 < v <= 1, 'a weight above 0 and at most 1')
+loss_bound = _checker(float, lambda v: v > 0, 'a positive number (inf: no bound)')
+def one_of(choices) -> callable: return _checker(lambda v: v, lambda v: v in choices, f"one of {list(choices)}")
+
+def device_name(v:str) -> str:
+    "An argparse `type`: the name of a device this machine has (see `batchless_nb.core.check_device`)"
+    try: check_device(v)
+    except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+# %% ../nbs/05_cli.ipynb #1d2c34b3
+SETTING_CHECKS = {
+    'dataset': one_of(DATASETS), 'model': one_of(MODELS), 'norm': one_of(NORMS), 'dtype': one_of(DTYPES),
+    'valid': one_of(VALID_MODES), 'stats_update': one_of(STATS_UPDATES), 'amp': one_of(('bf16', 'fp16')),
+    'norm_position': one_of(NORM_POSITIONS), 'init_passes': one_of((1, 2)), 'device': device_name,
+    'batch_size': positive_int, 'micro_batch_size': positive_int, 'epochs': positive_int, 'train_samples': positive_int,
+    'init_samples': positive_int, 'checkpoint_every': positive_int, 'stats_every': positive_int, 'track_batches': positive_int,
+    'threads': positive_int, 'lr': positive_rate, 'stats_lr': positive_rate, 'stats_eta': moving_weight,
+    'valid_pct': open_fraction, 'dropout': dropout_rate, 'max_loss': loss_bound}
+
+def check_settings(
+    settings:dict, # Settings of `train` (None: not given, the default applies)
+    checks:dict=SETTING_CHECKS, # Setting -> check
+) -> dict:
+    "`settings`, if each one that `checks` names is None or passes its check; else a ValueError naming it"
+    for k, check in checks.items():
+        if settings.get(k) is None: continue
+        try: check(settings[k])
+        except argparse.ArgumentTypeError as e: raise ValueError(f"{k}: {e}") from None
+    return settings
+
+# %% ../nbs/05_cli.ipynb #1628404c
+class RunDirError(ValueError):
+    "An output directory that cannot take this run: not writable, holding another run, or nothing to resume"
+
+_RESULTS = ('metrics.json', 'model.pt')  # what a run that got as far as one checkpoint leaves
+
+def _check_writable(out:Path):
+    "Raise `RunDirError` unless files can be created in `out` (or, if it does not exist yet, where it will be made)"
+    d = out
+    while not d.exists() and d != d.parent: d = d.parent
+    if not d.is_dir(): raise RunDirError(f"cannot write to {out}: {d} is a file, not a directory; choose another out directory")
+    try: tempfile.TemporaryFile(dir=d).close()
+    except OSError as e: raise RunDirError(f"cannot write to {out}: {e.strerror or e} in {d}; choose a writable out directory") from None
+
+def _check_resumable(out:Path, config:dict):
+    "Refuse to resume a run in `out` that was made with different settings"
+    if not (out/'config.json').is_file():
+        raise RunDirError(f"{out} holds a checkpoint but no config.json to check this run's settings against; use another out directory")
+    old = json.loads((out/'config.json').read_text())
+    old = _BEFORE_OPTIONS | old  # a run made before an option existed ran as these say
+    diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
+    if diff: raise RunDirError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
+                              "resume with the same settings or use another --out")
+
+# %% ../nbs/05_cli.ipynb #bc2094d5
+def _prepare_out(out:Path, resume:bool, config:dict) -> Path|None:
+    "Check the run directory `out` before anything is written; the checkpoint to resume from (None: start afresh)"
+    _check_writable(out)
+    ckpt = out/'checkpoint.pt'
+    held = [p.name for p in (ckpt, previous_checkpoint(ckpt), *(out/n for n in _RESULTS)) if p.exists()]
+    if not resume:
+        if held: raise RunDirError(f"{out} already holds a run ({', '.join(held)}); pass resume=True (--resume) to continue it or use another out directory")
+        return None
+    if not (ckpt.exists() or previous_checkpoint(ckpt).exists()):
+        if held: raise RunDirError(f"{out} holds results ({', '.join(held)}) but no checkpoint to resume from, and --resume would train "
+                                   "from scratch over them; use another out directory, or delete this one to start over")
+        return None  # nothing was saved yet: start afresh
+    try: _, used = read_checkpoint(ckpt)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise RunDirError(f"{out} holds no usable checkpoint: {getattr(e, 'what', e)}; use another out directory, "
+                          "or delete this one to start over") from None
+    _check_resumable(out, config)
+    return used
+
+# %% ../nbs/05_cli.ipynb #567ade82
 class _WriteMetrics(Callback):
     "Rewrite the run's `metrics.json` after every epoch (rank 0)"
     order = 60
@@ -47,18 +141,10 @@ def _num_threads(n:int|None):
     try: yield
     finally: torch.set_num_threads(old)
 
-def _check_resumable(out:Path, config:dict):
-    "Refuse to resume a run in `out` that was made with different settings"
-    old = json.loads((out/'config.json').read_text())
-    old = _BEFORE_OPTIONS | old  # a run made before an option existed ran as these say
-    diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
-    if diff: raise ValueError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
-                              "resume with the same settings or use another --out")
-
-# %% ../nbs/05_cli.ipynb #0f1b787a
+# %% ../nbs/05_cli.ipynb #135fc0ae
 def _callbacks(config:dict, net:nn.Module, n_train:int, out:Path|None) -> list:
     "The callbacks of a `train` run: data-driven init (BlN), checkpoints, metrics and tracked statistics (with `out`)"
-    cbs = []
+    cbs = [] if config.get('max_loss') is None else [DivergenceCheck(config['max_loss'])]
     if config['init'] or (config['init'] is None and batchless_modules(net)):
         cbs.append(InitBatchless(n_samples=config['init_samples'], passes=config['init_passes'], dropout=config['init_dropout']))
     if out is None: return cbs
@@ -80,7 +166,7 @@ def _build_model(config:dict, data) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
-# %% ../nbs/05_cli.ipynb #1d2c34b3
+# %% ../nbs/05_cli.ipynb #180af9bd
 def train(
     dataset:str='digits', # One of `batchless_nb.data.DATASETS`
     model:str|None=None, # One of `batchless_nb.models.MODELS`; None: the dataset's default (`DEFAULT_MODELS`)
@@ -119,15 +205,16 @@ def train(
     track_batches:int|None=4, # Validation batches per record of the true statistics; None: all
     progress:bool=True, # Progress bars and per-epoch lines
     threads:int|None=None, # torch.set_num_threads (None: torch's default)
+    max_loss:float|None=1e4, # Stop with `DivergedError` when a batch's loss exceeds this (see `DivergenceCheck`); None: no bound
 ) -> dict: # {'config', 'summary', 'history'}, as in metrics.json
     "Train one model and write its checkpoint, metrics and weights to `out`"
     config = {k: v for k, v in locals().items()}
     config['model'] = model = model or DEFAULT_MODELS.get(dataset)
     config['out'] = None if out is None else str(out)
+    check_settings(config)
     out = None if out is None else Path(out)
-    ckpt = None if out is None else out/'checkpoint.pt'
-    if ckpt is not None and ckpt.exists() and not resume:
-        raise ValueError(f"{out} already holds a run; pass resume=True (--resume) to continue it or use another out directory")
+    ckpt = None if out is None else _prepare_out(out, resume, config)
+    if out is not None and out.is_dir() and rank() == 0: remove_stale_temporaries(out)  # left by a run killed mid-write
     if micro_batch_size is not None: micro_batch_size = min(micro_batch_size, batch_size)
     extra = {'path': data_path or '.', 'download': download} if dataset == 'cifar10' else {}
     with distributed(device) as dev, _num_threads(threads):
@@ -139,9 +226,7 @@ def train(
         learn = batchless_learner(net, dataloaders(data, batch_size=batch_size, seed=seed), stats_update, stats_lr, stats_eta,
                                   cbs=_callbacks(config, net, len(data.train), out), lr=lr, micro_batch_size=micro_batch_size,
                                   device=dev, amp=amp, compile=compile, channels_last=channels_last, progress=progress, seed=seed)
-        if resume and ckpt.exists():
-            _check_resumable(out, config)
-            learn.load(ckpt)
+        if ckpt is not None: learn.load(ckpt, fallback=False)  # the file `_prepare_out` verified
         elif out is not None and rank() == 0: save_json(config, out/'config.json')
         learn.fit(max(epochs - learn.epoch, 0))
         if out is not None and rank() == 0: write_run(out, config, learn.history, learn.model)
@@ -208,6 +293,9 @@ def sweep(
     settings = PRESETS[preset] | {k: v for k, v in given.items() if v is not None}
     grid = {k: settings.pop(k) for k in ('norms', 'batch_sizes', 'seeds')}
     grid |= {k: settings.pop(k, d) for k, d in (('stats_updates', ['paper']), ('stats_etas', [0.1]))}
+    check_settings(settings)
+    for b in grid['batch_sizes']: check_settings({'batch_size': b})
+    for e in grid['stats_etas']: check_settings({'stats_eta': e})
     cells, rows = sweep_cells(**grid), _finished_rows(Path(out), settings)
     done = {cell_key(r) for r in rows}
     for i, cell in enumerate(cells, 1):
@@ -255,31 +343,31 @@ def _add_data_args(p, d):
     g = p.add_argument_group('data and model')
     g.add_argument('--dataset', choices=list(DATASETS), default=d('digits'))
     g.add_argument('--model', choices=list(MODELS), help='default: digits_cnn for digits, paper_cnn for cifar10, mlp for gaussian')
-    g.add_argument('--epochs', type=int, default=d(3))
-    g.add_argument('--lr', type=float, default=d(1e-3), help="Adam's learning rate")
-    g.add_argument('--train-samples', type=int, help='train on only the first N training samples (default: all)')
-    g.add_argument('--micro-batch-size', type=int, help='samples in memory at once, per process (default: the whole batch)')
-    g.add_argument('--dropout', type=float, help="override the model's dropout rate (paper CNN: 0.25)")
+    g.add_argument('--epochs', type=positive_int, default=d(3))
+    g.add_argument('--lr', type=positive_rate, default=d(1e-3), help="Adam's learning rate")
+    g.add_argument('--train-samples', type=positive_int, help='train on only the first N training samples (default: all)')
+    g.add_argument('--micro-batch-size', type=positive_int, help='samples in memory at once, per process (default: the whole batch)')
+    g.add_argument('--dropout', type=dropout_rate, help="override the model's dropout rate (paper CNN: 0.25)")
     g.add_argument('--norm-position', choices=list(NORM_POSITIONS), default=d('after'),
                    help="norm after each activation (the paper) or before it (layer -> norm -> LeakyReLU)")
     g.add_argument('--valid', choices=list(VALID_MODES), default=d('split'), help="'split': hold out --valid-pct of train; 'test': the test set")
-    g.add_argument('--valid-pct', type=float, default=d(0.2))
+    g.add_argument('--valid-pct', type=open_fraction, default=d(0.2))
     g.add_argument('--data-path', help='CIFAR-10 archive or directory')
     g.add_argument('--download', action='store_true', default=d(False), help='download CIFAR-10 into --data-path if missing')
 
 def _add_stats_args(p, d, sweep:bool):
     "How the BlN statistics start and learn (for a sweep, several update rules and etas: one cell each)"
     g = p.add_argument_group('BlN statistics')
-    g.add_argument('--stats-lr', type=float, help="learning rate of the BlN statistics with --stats-update paper (default: --lr)")
+    g.add_argument('--stats-lr', type=positive_rate, help="learning rate of the BlN statistics with --stats-update paper (default: --lr)")
     many = dict(nargs='+') if sweep else {}
     g.add_argument('--stats-update', dest='stats_updates' if sweep else 'stats_update', choices=list(STATS_UPDATES),
                    default=None if sweep else 'paper', **many,
                    help="how BlN statistics learn: 'paper' (by Adam) or 'natural' (natural-gradient moving average)")
-    g.add_argument('--stats-eta', dest='stats_etas' if sweep else 'stats_eta', type=float, default=None if sweep else 0.1, **many,
+    g.add_argument('--stats-eta', dest='stats_etas' if sweep else 'stats_eta', type=moving_weight, default=None if sweep else 0.1, **many,
                    help="with --stats-update natural: the weight of each batch in the moving average (default: 0.1)")
     g.add_argument('--init', action=argparse.BooleanOptionalAction, default=None,
                    help='data-driven init of the BlN statistics (default: on for BlN models)')
-    g.add_argument('--init-samples', type=int, default=d(1000))
+    g.add_argument('--init-samples', type=positive_int, default=d(1000))
     g.add_argument('--init-passes', type=int, choices=[1, 2], default=d(2))
     g.add_argument('--init-dropout', action=argparse.BooleanOptionalAction, default=d(True),
                    help="measure the data-driven init with dropout on, as training sees the activations (default); "
@@ -290,35 +378,42 @@ def _add_run_args(p, d):
     "How a run executes and what it writes"
     g = p.add_argument_group('execution and outputs')
     g.add_argument('--dtype', choices=list(DTYPES), default=d('float32'))
-    g.add_argument('--device', help='cuda, mps, cpu (default: the best available)')
+    g.add_argument('--device', type=device_name, help='cuda, cuda:N, mps, cpu (default: the best available)')
     g.add_argument('--amp', choices=['bf16', 'fp16'], help='autocast dtype (default: off)')
     g.add_argument('--compile', nargs='?', const=True, default=d(False), type=_bool_or_backend,
                    help='torch.compile the forward; optionally a backend, e.g. aot_eager')
     g.add_argument('--channels-last', action='store_true', default=d(False))
     g.add_argument('--sync-bn', action='store_true', default=d(False), help='under torchrun: SyncBatchNorm for bn (CUDA only)')
-    g.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
+    g.add_argument('--checkpoint-every', type=positive_int, help='also checkpoint every N steps')
     g.add_argument('--track-stats', action=argparse.BooleanOptionalAction, default=d(True),
                    help="write learned and true statistics of every norm layer to OUT/stats.npz (for explore; single process)")
-    g.add_argument('--track-batches', type=int, default=d(4), help='validation batches per record of the true statistics')
-    g.add_argument('--threads', type=int, help='torch CPU threads (default: torch decides)')
+    g.add_argument('--track-batches', type=positive_int, default=d(4), help='validation batches per record of the true statistics')
+    g.add_argument('--threads', type=positive_int, help='torch CPU threads (default: torch decides)')
+    g.add_argument('--max-loss', type=loss_bound, default=d(1e4),
+                   help='stop a run whose batch loss exceeds this: it diverged (default: 1e4; inf: no bound)')
 
 def _add_train_args(p:argparse.ArgumentParser, sweep:bool=False):
     "Options shared by `train` and `sweep` (for a sweep, None means: the preset's value)"
     d = (lambda v: None) if sweep else (lambda v: v)
     _add_data_args(p, d); _add_stats_args(p, d, sweep); _add_run_args(p, d)
 
+class _Parser(argparse.ArgumentParser):
+    "argparse's parser, whose errors are one line: `PROG: error: MESSAGE (see PROG --help)`, exit code 2"
+    def error(self, message:str): self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='batchless-nb', description='Batchless normalization experiments')
+    p = _Parser(prog='batchless-nb', description='Batchless normalization experiments')
     sub = p.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='train one model', description='Train one model; writes config.json, '
                        'checkpoint.pt, metrics.json and model.pt to --out. Under torchrun, trains data-parallel.')
     _add_train_args(t)
     t.add_argument('--norm', choices=list(NORMS), default='bln-log')
-    t.add_argument('--batch-size', type=int, default=64, help='effective (global) batch size')
+    t.add_argument('--batch-size', type=positive_int, default=64, help='effective (global) batch size')
     t.add_argument('--seed', type=int, default=0)
     t.add_argument('--out', help='output directory (default: runs/NORM-bsB-seedS)')
-    t.add_argument('--resume', action='store_true', help='continue the run in --out from its checkpoint')
-    t.add_argument('--stats-every', type=int, help='record the BlN statistics every N steps')
+    t.add_argument('--resume', action='store_true',
+                   help='continue the run in --out from its checkpoint (or the previous one, if the latest is missing or damaged)')
+    t.add_argument('--stats-every', type=positive_int, help='record the BlN statistics every N steps')
     t.add_argument('--no-progress', dest='progress', action='store_false')
     s = sub.add_parser('sweep', help='norms x batch sizes x seeds, resumable',
                        description='Train every cell of norms x batch sizes x seeds; writes results.json/.csv to --out. '
@@ -326,19 +421,39 @@ def _parser() -> argparse.ArgumentParser:
     _add_train_args(s, sweep=True)
     s.add_argument('--preset', choices=list(PRESETS), default='digits')
     s.add_argument('--norms', nargs='+', choices=list(NORMS))
-    s.add_argument('--batch-sizes', nargs='+', type=int)
+    s.add_argument('--batch-sizes', nargs='+', type=positive_int)
     s.add_argument('--seeds', nargs='+', type=int)
     s.add_argument('--out', default='runs/sweep')
     dm = sub.add_parser('demo', help='a short digits comparison (1-3 minutes on CPU)')
     dm.add_argument('--out', default='runs/demo')
-    dm.add_argument('--threads', type=int, help='torch CPU threads (default: 1)')
+    dm.add_argument('--threads', type=positive_int, help='torch CPU threads (default: 1)')
     return p
+
+# %% ../nbs/05_cli.ipynb #29ddbf9c
+_FAILURES = (DataError, CheckpointError, NonFiniteLossError, OSError, ValueError)  # reported in one line, exit code 1
+
+def _one_line(prog:str, kind:str, e) -> str: return f"{prog}: {kind}: {' '.join(str(e).split())}\n"
+
+@contextlib.contextmanager
+def _reported(prog:str):
+    "Inside the block: the user's errors end the program with one line (see above), warnings of ours are one line"
+    show = warnings.showwarning
+    def one_line(message, category, *args, **kwargs):
+        if issubclass(category, CheckpointWarning): sys.stderr.write(_one_line(prog, 'warning', message))
+        else: show(message, category, *args, **kwargs)
+    warnings.showwarning = one_line
+    try: yield
+    except (RunDirError, *_FAILURES) as e:
+        if os.environ.get('BATCHLESS_NB_TRACEBACK'): raise
+        sys.stderr.write(_one_line(prog, 'error', e))
+        sys.exit(2 if isinstance(e, RunDirError) else 1)
+    finally: warnings.showwarning = show
 
 def main(argv:list|None=None):
     "Entry point of the `batchless-nb` console script"
     args = vars(_parser().parse_args(argv))
     cmd = args.pop('command')
-    with distributed(args.get('device')):  # under torchrun: one process group for all the runs of this command
+    with _reported(f'batchless-nb {cmd}'), distributed(args.get('device')):  # under torchrun: one process group for all runs
         if cmd == 'demo': demo(**{k: v for k, v in args.items() if v is not None})
         elif cmd == 'sweep': sweep(**args)
         else:

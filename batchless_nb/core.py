@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #703f0971
 from __future__ import annotations
-import contextlib, importlib, itertools, json, os, random, re, resource, sys, warnings
+import contextlib, glob, importlib, itertools, json, os, random, re, resource, sys, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['set_seed', 'default_device', 'model_device', 'model_dtype', 'is_distributed', 'rank', 'world_size', 'all_sum',
-           'split_batch', 'batch_inputs', 'eval_mode', 'layer_input', 'atomic_write', 'save_json', 'PeakMemory',
-           'moved_names']
+__all__ = ['set_seed', 'default_device', 'check_device', 'model_device', 'model_dtype', 'is_distributed', 'rank', 'world_size',
+           'all_sum', 'split_batch', 'batch_inputs', 'eval_mode', 'layer_input', 'remove_stale_temporaries',
+           'atomic_write', 'save_json', 'PeakMemory', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #b364e494
 def set_seed(
@@ -32,12 +32,28 @@ def set_seed(
 def default_device(
     device:str|torch.device|None=None, # An explicit choice wins; None picks the best available
 ) -> torch.device:
-    "The device to train on: `device` if given, else cuda > mps > cpu"
-    if device is not None: return torch.device(device)
+    "The device to train on: `device` if given (and available), else cuda > mps > cpu"
+    if device is not None: return check_device(device)
     if torch.cuda.is_available(): return torch.device('cuda')
-    mps = getattr(torch.backends, 'mps', None)
-    if mps is not None and mps.is_available(): return torch.device('mps')
+    if _mps_available(): return torch.device('mps')
     return torch.device('cpu')
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, 'mps', None)
+    return mps is not None and mps.is_available()
+
+def check_device(
+    device:str|torch.device, # 'cpu', 'cuda', 'cuda:1', 'mps', ...
+) -> torch.device:
+    "`device` as a `torch.device`, or a ValueError saying why it cannot be used here"
+    try: dev = torch.device(device)
+    except (RuntimeError, TypeError) as e: raise ValueError(f"{device!r} is not a device: expected cpu, cuda, cuda:N or mps") from e
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} needs CUDA, which this torch ({torch.__version__}) does not see; use cpu or omit the device")
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s), cuda:0..")
+    if dev.type == 'mps' and not _mps_available(): raise ValueError(f"device 'mps' is not available here; use cpu or omit the device")
+    return dev
 
 # %% ../nbs/00_core.ipynb #870aebfc
 def model_device(model:nn.Module) -> torch.device:
@@ -102,17 +118,39 @@ def layer_input(args:tuple, kwargs:dict) -> Tensor:
     "The input a module was called with, from a forward hook's `args` and `kwargs` (`with_kwargs=True`)"
     return args[0] if args else kwargs['input']
 
+# %% ../nbs/00_core.ipynb #f378657b
+def _pid_alive(pid:int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # someone else's process
+    return True
+
+def remove_stale_temporaries(
+    folder:str|Path, # Directory to clean
+    name:str|None=None, # Only the temporaries of this file name (None: of any file)
+) -> list[Path]: # The files removed
+    "Remove the temporary files that `atomic_write`s of processes no longer running left in `folder`"
+    removed = []
+    for p in Path(folder).glob(f".{'*' if name is None else glob.escape(name)}.*.tmp"):
+        pid = p.name[:-len('.tmp')].rpartition('.')[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True); removed.append(p)
+    return removed
+
 # %% ../nbs/00_core.ipynb #c9d58647
 def atomic_write(
     path:str|Path, # Target file
     write, # Called with a binary file object to fill
+    keep:str|Path|None=None, # If given, the file at `path` is moved here just before the new one replaces it
 ):
     "Write `path` through a temporary file and `os.replace`, so it is never seen half-written"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:
             write(f); f.flush(); os.fsync(f.fileno())
+        if keep is not None and path.exists(): os.replace(path, keep)
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_learner.ipynb #5932b706
 from __future__ import annotations
-import contextlib, functools, time
+import contextlib, functools, hashlib, math, time, warnings
 from pathlib import Path
 import torch
 import torch.nn as nn
@@ -20,8 +20,9 @@ from .distributed import distributed_train_loader, shard
 
 # %% auto #0
 __all__ = ['EVENTS', 'CHECKPOINT_VERSION', 'Callback', 'CancelFitException', 'CancelEpochException', 'CancelBatchException',
-           'CancelValidateException', 'NonFiniteLossError', 'run_cbs', 'with_cbs', 'Recorder', 'ProgressCB', 'Learner',
-           'Checkpoint']
+           'CancelValidateException', 'NonFiniteLossError', 'DivergedError', 'run_cbs', 'with_cbs', 'Recorder',
+           'ProgressCB', 'Learner', 'CheckpointError', 'CheckpointWarning', 'checkpoint_digest', 'previous_checkpoint',
+           'read_checkpoint', 'Checkpoint', 'DivergenceCheck']
 
 # %% ../nbs/03b_learner.ipynb #9df5159f
 EVENTS = ('before_fit', 'before_create_opt', 'before_epoch', 'before_batch', 'after_loss', 'after_backward',
@@ -39,6 +40,9 @@ class CancelValidateException(Exception): "Raise in a callback to skip the rest 
 
 class NonFiniteLossError(FloatingPointError):
     "The loss or the gradients became NaN or inf; training stopped before the optimizer step, so the parameters are the last good ones"
+
+class DivergedError(NonFiniteLossError):
+    "The loss, still finite, exceeded a bound no converging run reaches (see `DivergenceCheck`); stopped before the step"
 
 # %% ../nbs/03b_learner.ipynb #ab927e6e
 def run_cbs(cbs:list, event:str, learn):
@@ -228,6 +232,7 @@ class Learner:
         self._setup_forward(compile)
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.history, self._epoch_order, self._pending_rng = {'epochs': [], 'steps': []}, None, None
+        self.last_checkpoint = None  # (path, step) of the checkpoint last saved or loaded: the last good state on disk
         self.cbs = self._default_cbs(list(cbs or []), progress)
 
     def callback(self, event:str): run_cbs(self.cbs, event, self)
@@ -289,7 +294,7 @@ def _forward_loss(self:Learner):
     with self._autocast():
         try: self.preds = self._fwd(self.xb)
         except FloatingPointError as e:
-            raise NonFiniteLossError(f"non-finite activations at step {self.step} (epoch {self.epoch}): {e}") from e
+            raise NonFiniteLossError(f"non-finite activations at step {self.step} (epoch {self.epoch}), {self._last_good()}: {e}") from e
         self.task_loss = self.loss_func(self.preds, self.yb)
     self.loss, self.terms = self.task_loss, {}
     self.callback('after_loss')
@@ -318,14 +323,20 @@ def _backward_parts(self:Learner) -> Tensor:
 
 # %% ../nbs/03b_learner.ipynb #4c0780ae
 @patch
+def _last_good(self:Learner) -> str:
+    "Where the last good training state is on disk, for error messages"
+    if self.last_checkpoint is None: return "no checkpoint was written yet"
+    return f"the last good checkpoint is {self.last_checkpoint[0]} (step {self.last_checkpoint[1]})"
+
+@patch
 def _check_step(self:Learner, bad:Tensor):
     "Refuse the step if a loss or (without a GradScaler) a gradient is not finite"
     if bool(all_sum(bad) > 0) or (self.scaler is None and not _grads_finite(self.model.parameters())):
         self.model.zero_grad(set_to_none=True)
         what = 'loss' if bool(bad > 0) else 'gradients'
-        raise NonFiniteLossError(f"non-finite {what} at step {self.step} (epoch {self.epoch}, batch "
-                                 f"{self.step_in_epoch}); the parameters are those before this step and no checkpoint "
-                                 "was written with them. Lower the learning rate, check the inputs, or try amp=None.")
+        raise NonFiniteLossError(f"non-finite {what} at step {self.step} (epoch {self.epoch}, batch {self.step_in_epoch}); "
+                                 f"the parameters are those before this step, and {self._last_good()}. "
+                                 "Lower the learning rate, check the inputs, or try amp=None.")
 
 @patch
 def _step(self:Learner):
@@ -378,7 +389,11 @@ def _epoch_loader(self:Learner) -> DataLoader:
 
 @patch
 @with_cbs('validate')
-def _validate_epoch(self:Learner): self.valid_metrics = self.validate()
+def _validate_epoch(self:Learner):
+    self.valid_metrics = v = self.validate()
+    if v['n'] and not math.isfinite(v['loss']):
+        raise NonFiniteLossError(f"non-finite validation loss ({v['loss']}) after step {self.step} (epoch {self.epoch}): the "
+                                 f"model diverged; this epoch is not checkpointed, and {self._last_good()}. Lower the learning rate.")
 
 @patch
 @with_cbs('epoch')
@@ -417,7 +432,16 @@ def fit(self:Learner,
         for cb in extra: self.cbs.remove(cb)
 
 # %% ../nbs/03b_learner.ipynb #1e41fa45
-CHECKPOINT_VERSION = 1  # 0: batchless_nb 0.1.0, whose Learner held the BlN statistics' optimizer itself
+CHECKPOINT_VERSION = 2  # 0: batchless_nb 0.1.0, whose Learner held the BlN statistics' optimizer itself; 1: no digest
+
+class CheckpointError(ValueError):
+    "A checkpoint file that cannot be used; the message names it, says what is wrong (`what`) and what to do"
+    def __init__(self, what:str, todo:str|None=None):
+        super().__init__(what if todo is None else f"{what}; {todo}")
+        self.what = what
+
+class CheckpointWarning(UserWarning):
+    "A missing or damaged checkpoint was replaced by the previous one beside it"
 
 @patch
 def state_dict(self:Learner) -> dict:
@@ -431,19 +455,112 @@ def state_dict(self:Learner) -> dict:
             'rng': rng_states(), 'history': self.history,
             'cbs': {type(cb).__name__: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}}
 
+# %% ../nbs/03b_learner.ipynb #37336d93
+def _feed(h, x):
+    "Feed `x` (dicts, lists, tuples, tensors, plain values, nested) into the hash `h`, in order"
+    if isinstance(x, Tensor):
+        t = x.detach().cpu().contiguous()
+        h.update(f'T{t.dtype}{tuple(t.shape)}'.encode()); h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(x, dict):
+        h.update(f'D{len(x)}'.encode())
+        for k, v in x.items(): _feed(h, k); _feed(h, v)
+    elif isinstance(x, (list, tuple)):
+        h.update(f'{type(x).__name__[0]}{len(x)}'.encode())
+        for v in x: _feed(h, v)
+    else: h.update(f'{type(x).__name__}:{x!r};'.encode())
+
+def checkpoint_digest(sd:dict) -> str:
+    "The SHA-256 digest (hex) of the checkpoint `sd`, all but its own `sha256` entry"
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in sd.items() if k != 'sha256'})
+    return h.hexdigest()
+
+# %% ../nbs/03b_learner.ipynb #e00ab050
+def previous_checkpoint(path:str|Path) -> Path:
+    "Where `save` keeps the checkpoint that `path` replaced: NAME.prev.SUFFIX beside it"
+    path = Path(path)
+    return path.with_name(f'{path.stem}.prev{path.suffix}')
+
+def _verifies(path:Path) -> bool:
+    try: _read(path); return True
+    except (OSError, CheckpointError): return False
+
 @patch
 def save(self:Learner,
     path:str|Path, # Checkpoint file, written atomically (rank 0 only under torch.distributed)
+    keep_previous:bool=True, # Keep the checkpoint it replaces (if that one verifies) as `previous_checkpoint(path)`
 ):
-    "Write a checkpoint of the training state to `path`"
+    "Write a checkpoint of the training state to `path`, with its digest"
     sd = self.state_dict()
-    if rank() == 0: atomic_write(path, lambda f: torch.save(sd, f))
+    sd['sha256'] = checkpoint_digest(sd)
+    path = Path(path)
+    if rank() == 0:
+        keep = previous_checkpoint(path) if keep_previous and _verifies(path) else None
+        atomic_write(path, lambda f: torch.save(sd, f), keep=keep)
+    self.last_checkpoint = (path, self.step)
 
-# %% ../nbs/03b_learner.ipynb #37336d93
+# %% ../nbs/03b_learner.ipynb #9282f978
+def _why(e:BaseException) -> str:
+    "What went wrong in one line, without torch's advice to load unsafely"
+    msg = ' '.join(str(e).split())
+    if 'PytorchStreamReader' in msg: return 'truncated or not a torch archive: ' + msg.split(': ', 1)[-1].split('. ')[0]
+    if 'Weights only load failed' in msg: return "it holds objects other than tensors and plain data, which the safe loader refuses"
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+def _read(path:Path) -> dict:
+    "The checkpoint at `path`, on the CPU, verified; FileNotFoundError or CheckpointError saying what is wrong"
+    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0: raise CheckpointError(f"{path} is empty (0 bytes)")
+    with open(path, 'rb') as f:
+        if f.read(4) != b'PK\x03\x04': raise CheckpointError(f"{path} is not a checkpoint: it does not start as the zip archives torch.save writes")
+    try: sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e: raise CheckpointError(f"{path} cannot be read ({_why(e)})") from e
+    if not isinstance(sd, dict) or not {'model', 'opt', 'step'} <= sd.keys():
+        raise CheckpointError(f"{path} is not a training checkpoint written by Learner.save (it holds a {type(sd).__name__}"
+                              f"{f' with keys {list(sd)[:6]}' if isinstance(sd, dict) else ''})")
+    if not isinstance(sd.get('version', 0), int) or sd.get('version', 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has format {sd.get('version')!r}, newer than this batchless_nb reads "
+                              f"({CHECKPOINT_VERSION}): upgrade batchless_nb to resume it")
+    if sd.get('version', 0) >= 2 and sd.get('sha256') != checkpoint_digest(sd):
+        raise CheckpointError(f"{path} is damaged: its content does not match the SHA-256 digest saved with it")
+    return sd
+
+# %% ../nbs/03b_learner.ipynb #ec17a2e7
+def read_checkpoint(
+    path:str|Path, # A checkpoint written by `Learner.save`
+    fallback:bool=True, # If it is missing or damaged, read `previous_checkpoint(path)` instead (with a warning)
+) -> tuple[dict, Path]: # The checkpoint (tensors on the CPU) and the file it came from
+    "The verified checkpoint at `path` or, failing that, the previous one beside it"
+    path = Path(path); prev = previous_checkpoint(path)
+    try: return _read(path), path
+    except (FileNotFoundError, CheckpointError) as e:
+        first = e
+    if not fallback or not prev.is_file():
+        if isinstance(first, FileNotFoundError):
+            raise FileNotFoundError(f"{first}; train with a Checkpoint callback or call save first")
+        raise CheckpointError(f"{first}, and there is no previous checkpoint {prev}",
+                              "restore the file from a backup, or train from the start without loading it") from first
+    try: sd = _read(prev)
+    except CheckpointError as e:
+        raise CheckpointError(f"{first}, and the previous checkpoint: {e}",
+                              "no usable checkpoint is left: restore one from a backup, or train from the start without loading") from e
+    warnings.warn(f"{first}; using the previous checkpoint {prev} (step {sd['step']}) instead", CheckpointWarning, stacklevel=2)
+    return sd, prev
+
+# %% ../nbs/03b_learner.ipynb #5e9e9174
+def _to(x, device:torch.device):
+    "`x` (dicts, lists, tuples of tensors, nested) with its tensors moved to `device`; a state dict keeps its `_metadata`"
+    if isinstance(x, Tensor): return x.to(device)
+    if isinstance(x, (list, tuple)): return type(x)(_to(v, device) for v in x)
+    if not isinstance(x, dict): return x
+    y = type(x)((k, _to(v, device)) for k, v in x.items())
+    if hasattr(x, '_metadata'): y._metadata = x._metadata  # module versions, which `load_state_dict` reads
+    return y
+
 @patch
 def _load_callbacks(self:Learner, sd:dict):
     "Upgrade an older checkpoint through the callbacks, then give each callback its state"
-    if sd.get('version', 0) < CHECKPOINT_VERSION:
+    if sd.get('version', 0) < 1:  # format 0 kept callback state elsewhere (format 2 only added the digest)
         for cb in self.cbs:
             if hasattr(cb, 'migrate_checkpoint'): cb.migrate_checkpoint(sd)
     for cb in self.cbs:
@@ -461,15 +578,11 @@ def _load_order(self:Learner, sd:dict):
                          'cuda': None if sd['rng']['cuda'] is None else [s.cpu() for s in sd['rng']['cuda']]}
     set_rng_states(self._pending_rng)
 
-# %% ../nbs/03b_learner.ipynb #00dbf292
+# %% ../nbs/03b_learner.ipynb #2bb83478
 @patch
-def load(self:Learner,
-    path:str|Path, # What `save` wrote
-):
-    "Restore the training state from `path`, to continue with `fit`"
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint at {path}; train with a Checkpoint callback or call save first")
-    sd = torch.load(path, map_location=self.device, weights_only=True)
+def load_state_dict(self:Learner, sd:dict):
+    "Restore the training state from a checkpoint's dict (see `read_checkpoint`)"
+    sd = _to(sd, self.device)
     if self.opt is None: self.create_opt()
     self.model.load_state_dict(sd['model'])
     self._load_callbacks(sd)
@@ -481,6 +594,19 @@ def load(self:Learner,
     self.epoch, self.step, self.step_in_epoch = sd['epoch'], sd['step'], sd['step_in_epoch']
     self._load_order(sd)
     self.history = sd['history']
+
+@patch
+def load(self:Learner,
+    path:str|Path, # What `save` wrote
+    fallback:bool=True, # If `path` is missing or damaged, load the previous checkpoint beside it (with a warning)
+):
+    "Restore the training state from `path`, to continue with `fit`"
+    sd, used = read_checkpoint(path, fallback)
+    try: self.load_state_dict(sd)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{used} does not fit this learner ({_why(e)})",
+                              "build the learner with the model, callbacks and settings the checkpoint was saved with") from e
+    self.last_checkpoint = (used, self.step)
     return self
 
 # %% ../nbs/03b_learner.ipynb #62f8aadc
@@ -488,19 +614,39 @@ class Checkpoint(Callback):
     "Save the learner to `path` after every epoch and, optionally, every `every_steps` optimizer steps"
     order = 50
     def __init__(self,
-        path:str|Path, # Checkpoint file, replaced atomically each time
+        path:str|Path, # Checkpoint file, replaced atomically each time; the one it replaces is kept as `previous_checkpoint(path)`
         every_steps:int|None=None, # Also save every this many steps (None: at epoch ends only)
     ): self.path, self.every_steps = Path(path), every_steps
 
     def _save(self, learn):
-        bad = [n for n, p in learn.model.named_parameters() if not torch.isfinite(p).all()]
-        if bad: raise NonFiniteLossError(f"parameters {bad} are not finite at step {learn.step}; kept the last good checkpoint {self.path}")
+        state = [*learn.model.named_parameters(), *learn.model.named_buffers()]
+        bad = [n for n, t in state if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad: raise NonFiniteLossError(f"{bad} are not finite at step {learn.step}: the model diverged; not saved, and {learn._last_good()}")
         learn.save(self.path)
 
     def after_batch(self, learn):
         if self.every_steps and learn.step % self.every_steps == 0 and learn.step_in_epoch < len(learn.train_dl): self._save(learn)
 
     def after_epoch(self, learn): self._save(learn)
+
+# %% ../nbs/03b_learner.ipynb #7a7e687a
+class DivergenceCheck(Callback):
+    "Stop training with `DivergedError`, before the step, when the mean task loss of a batch exceeds `max_loss`"
+    order = -10
+    def __init__(self,
+        max_loss:float=1e4, # A bound no converging run reaches (cross-entropy 1e4: logits apart by 1e4)
+    ): self.max_loss, self.loss = max_loss, None
+
+    def before_batch(self, learn): self.loss = torch.zeros((), dtype=torch.float64, device=learn.device)
+    def after_loss(self, learn): self.loss = self.loss + learn.task_loss.detach().double() * learn.weight
+
+    def after_backward(self, learn):
+        loss = float(all_sum(self.loss.clone())) / world_size()
+        if loss > self.max_loss:
+            learn.model.zero_grad(set_to_none=True)
+            raise DivergedError(f"training diverged at step {learn.step} (epoch {learn.epoch}, batch {learn.step_in_epoch}): "
+                                f"the loss {loss:.3g} exceeds max_loss={self.max_loss:g}; the parameters are those before this "
+                                f"step, and {learn._last_good()}. Lower the learning rate.")
 
 # %% ../nbs/03b_learner.ipynb #94331943
 __getattr__ = moved_names(__name__, {'InitBatchless': 'batchless_nb.callbacks', 'STATS_UPDATES': 'batchless_nb.callbacks',

@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_core.ipynb #703f0971
 from __future__ import annotations
-import contextlib, importlib, itertools, json, os, random, re, resource, sys, warnings
+import contextlib, contextvars, importlib, itertools, json, os, random, re, resource, sys, warnings
+from typing import NamedTuple
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,8 +15,8 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['set_seed', 'default_device', 'model_device', 'model_dtype', 'is_distributed', 'rank', 'world_size', 'all_sum',
-           'split_batch', 'batch_inputs', 'eval_mode', 'layer_input', 'atomic_write', 'save_json', 'PeakMemory',
-           'moved_names']
+           'split_batch', 'batch_inputs', 'SampleKeys', 'sample_keys', 'current_samples', 'hash32', 'sample_hashes',
+           'eval_mode', 'layer_input', 'atomic_write', 'save_json', 'PeakMemory', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #b364e494
 def set_seed(
@@ -81,6 +82,53 @@ def batch_inputs(batch) -> Tensor:
     if isinstance(x, Tensor): return x
     raise ValueError(f"expected batches that are tensors or (inputs, targets) tuples (got {type(batch).__name__}); "
                      "wrap other formats in a DataLoader whose collate_fn returns (inputs, targets)")
+
+# %% ../nbs/00_core.ipynb #ccf6068d
+class SampleKeys(NamedTuple):
+    "What per-sample random numbers are drawn from"
+    index:Tensor # The samples' indices in the dataset, one per sample of the forward's batch
+    step:int # The optimizer step
+    seed:int # The run's seed
+
+_SAMPLES = contextvars.ContextVar('batchless_nb_samples', default=None)
+
+@contextlib.contextmanager
+def sample_keys(
+    index:Tensor|None, # The dataset indices of the batch's samples; None: unknown (layers fall back to their usual randomness)
+    step:int, # The optimizer step
+    seed:int, # The run's seed
+):
+    "Forwards inside the block process the samples `index` of the dataset, at step `step` of run `seed`"
+    token = _SAMPLES.set(None if index is None else SampleKeys(index, step, seed))
+    try: yield
+    finally: _SAMPLES.reset(token)
+
+def current_samples() -> SampleKeys|None:
+    "The `SampleKeys` of the enclosing `sample_keys` block, or None"
+    return _SAMPLES.get()
+
+# %% ../nbs/00_core.ipynb #28ab1e22
+_M32 = 0xFFFFFFFF
+
+def _mul32(a, c:int):
+    "`a * c mod 2**32` for 32-bit `a` and a constant `c`, in steps whose products stay below 2**49"
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+def hash32(x):
+    "A 32-bit integer hash of 32-bit `x`: a Python int, or elementwise an int64 tensor"
+    x = x ^ (x >> 16); x = _mul32(x, 0x21f0aaad)
+    x = x ^ (x >> 15); x = _mul32(x, 0x735a2d97)
+    return x ^ (x >> 15)
+
+def _fold32(x): return (x ^ (x >> 32)) & _M32
+
+def sample_hashes(
+    keys:SampleKeys,
+    stream:int, # One stream of random numbers per layer (or use)
+) -> Tensor: # One int64 in [0, 2**32) per sample
+    "A hash of (seed, stream, step, index) for each sample: where its random numbers in `stream` start"
+    h = hash32(hash32(hash32(_fold32(keys.seed)) ^ _fold32(stream)) ^ _fold32(keys.step))
+    return hash32(_fold32(keys.index.long()) ^ h)
 
 # %% ../nbs/00_core.ipynb #dbb5f2b5
 @contextlib.contextmanager

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .core import (set_seed, default_device, model_dtype, is_distributed, rank, world_size, all_sum,
-                               split_batch, atomic_write, PeakMemory, moved_names)
-from .resume import order_generators, skip_batches, rng_states, set_rng_states
+                               split_batch, atomic_write, PeakMemory, moved_names, sample_keys)
+from .resume import order_generators, indexed_batches, rng_states, set_rng_states
 from .distributed import distributed_train_loader, shard
 
 # %% auto #0
@@ -213,9 +213,10 @@ class Learner:
         compile:bool|str=False, # torch.compile the forward (True, or a backend name such as 'aot_eager')
         channels_last:bool=False, # Model and 4D inputs in channels-last memory format
         progress:bool=True, # Show tqdm progress bars (rank 0 only)
-        seed:int|None=None, # If given, `set_seed(seed)` now (seed before building the model too); DistributedSampler's seed
+        seed:int|None=None, # If given, `set_seed(seed)` now (seed before building the model too); the seed of per-sample randomness (None: `torch.initial_seed()`)
     ):
         if seed is not None: set_seed(seed)
+        self.seed = torch.initial_seed() if seed is None else seed
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be a positive number of samples or None (got {micro_batch_size})")
         self.device, self.loss_func, self.opt_func, self.lr, self.wd = default_device(device), loss_func, opt_func, lr, wd
@@ -223,29 +224,30 @@ class Learner:
         self.amp_dtype = _amp_dtype(amp, self.device)
         self.model = model.to(self.device)
         if channels_last: self.model = self.model.to(memory_format=torch.channels_last)
-        self._setup_data(dls, seed)
+        self._setup_data(dls)
         self.opt, self.scaler = None, torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self._setup_forward(compile)
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.history, self._epoch_order, self._pending_rng = {'epochs': [], 'steps': []}, None, None
+        self.idx = self.ib = None
         self.cbs = self._default_cbs(list(cbs or []), progress)
 
     def callback(self, event:str): run_cbs(self.cbs, event, self)
 
     @property
-    def batch_size(self) -> int:
-        "The effective (global) batch size: samples per optimizer step"
-        return self.train_dl.batch_size * world_size()
+    def batch_size(self) -> int|None:
+        "The effective (global) batch size: samples per optimizer step (None for a loader with its own batch sampler)"
+        return self._batch_size
 
 # %% ../nbs/03b_learner.ipynb #d61541e9
 @patch
-def _setup_data(self:Learner, dls, seed:int|None):
+def _setup_data(self:Learner, dls):
     train, valid = dls[0], dls[1]
+    self._order_gens, self._batch_size = order_generators(train), train.batch_size
     if is_distributed():
-        train = distributed_train_loader(train, 0 if seed is None else seed)
+        train = distributed_train_loader(train)
         valid = None if valid is None else shard(valid)
     self.train_dl, self.valid_dl = train, valid
-    self._order_gens = order_generators(train)
 
 @patch
 def _setup_forward(self:Learner, compile:bool|str):
@@ -286,7 +288,7 @@ def _autocast(self:Learner):
 @patch
 def _forward_loss(self:Learner):
     "Forward the micro-batch `xb`: set `preds`, `task_loss`, `loss` (the task loss; callbacks add to it) and `terms`"
-    with self._autocast():
+    with self._autocast(), sample_keys(self.ib, self.step, self.seed):
         try: self.preds = self._fwd(self.xb)
         except FloatingPointError as e:
             raise NonFiniteLossError(f"non-finite activations at step {self.step} (epoch {self.epoch}): {e}") from e
@@ -303,11 +305,12 @@ def _grads_finite(params) -> bool:
 @patch
 def _backward_parts(self:Learner) -> Tensor:
     "Forward and backward each micro-batch of `batch`; the number of non-finite losses"
-    xs, ys = self.batch
-    n, mbs = len(xs), self.micro_batch_size or len(xs)
-    parts, bad = list(zip(xs.split(mbs), ys.split(mbs))), torch.zeros((), device=self.device)
-    for i, (x, y) in enumerate(parts):
-        self.xb, self.yb, self.weight = self._to_device(x), self._to_device(y), len(x) / n
+    (xs, ys), idx, bad = self.batch, self.idx, torch.zeros((), device=self.device)
+    n = int(all_sum(torch.tensor(len(xs), device=self.device))) if is_distributed() else len(xs)  # the global batch
+    mbs = self.micro_batch_size or len(xs)
+    parts = list(zip(xs.split(mbs), ys.split(mbs), [None] * len(xs) if idx is None else idx.split(mbs))) if len(xs) else []
+    for i, (x, y, ib) in enumerate(parts):
+        self.xb, self.yb, self.ib, self.weight = self._to_device(x), self._to_device(y), ib, len(x) * world_size() / n
         self._forward_loss()
         bad += ~torch.isfinite(self.loss.detach())
         loss = self.loss * self.weight
@@ -367,14 +370,14 @@ def validate(self:Learner,
 
 # %% ../nbs/03b_learner.ipynb #24147031
 @patch
-def _epoch_loader(self:Learner) -> DataLoader:
-    "The training loader for this epoch, positioned after the `step_in_epoch` batches already done"
+def _epoch_batches(self:Learner):
+    "This epoch's (batch, sample indices) after the `step_in_epoch` batches already done (the loader's draws made now)"
     dl = self.train_dl
     if isinstance(dl.sampler, DistributedSampler): dl.sampler.set_epoch(self.epoch)
     if self.step_in_epoch == 0 or self._epoch_order is None: self._epoch_order = [g.get_state() for g in self._order_gens]
     else:
         for g, s in zip(self._order_gens, self._epoch_order): g.set_state(s)
-    return skip_batches(dl, self.step_in_epoch)
+    return indexed_batches(dl, skip=self.step_in_epoch)
 
 @patch
 @with_cbs('validate')
@@ -385,10 +388,10 @@ def _validate_epoch(self:Learner): self.valid_metrics = self.validate()
 def one_epoch(self:Learner):
     "Train the rest of the current epoch, then validate"
     self.model.train()
-    it = iter(self._epoch_loader())
+    it = self._epoch_batches()
     if self._pending_rng is not None: set_rng_states(self._pending_rng); self._pending_rng = None
-    for batch in it:
-        self.batch = split_batch(batch)
+    for batch, idx in it:
+        self.batch, self.idx = split_batch(batch), idx
         self.one_batch()
     self.valid_metrics = None
     if self.valid_dl is not None: self._validate_epoch()
@@ -428,7 +431,7 @@ def state_dict(self:Learner) -> dict:
             'scaler': None if self.scaler is None else self.scaler.state_dict(),
             'epoch': self.epoch, 'step': self.step, 'step_in_epoch': self.step_in_epoch,
             'order': self._epoch_order if mid else [g.get_state() for g in self._order_gens],
-            'rng': rng_states(), 'history': self.history,
+            'rng': rng_states(), 'history': self.history, 'seed': self.seed,
             'cbs': {type(cb).__name__: cb.state_dict() for cb in self.cbs if hasattr(cb, 'state_dict')}}
 
 @patch
@@ -479,6 +482,7 @@ def load(self:Learner,
                          f"learner has{' none' if self.scaler is None else ' one'}; use the same amp setting")
     if self.scaler is not None: self.scaler.load_state_dict(sd['scaler'])
     self.epoch, self.step, self.step_in_epoch = sd['epoch'], sd['step'], sd['step_in_epoch']
+    self.seed = sd.get('seed', self.seed)  # checkpoints before per-sample randomness have none
     self._load_order(sd)
     self.history = sd['history']
     return self

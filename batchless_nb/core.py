@@ -15,8 +15,9 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['set_seed', 'default_device', 'model_device', 'model_dtype', 'is_distributed', 'rank', 'world_size', 'all_sum',
-           'split_batch', 'batch_inputs', 'SampleKeys', 'sample_keys', 'current_samples', 'hash32', 'sample_hashes',
-           'eval_mode', 'layer_input', 'atomic_write', 'save_json', 'PeakMemory', 'moved_names']
+           'split_batch', 'batch_inputs', 'SampleKeys', 'sample_keys', 'current_samples', 'as_int32', 'hash32_',
+           'hash32', 'sample_hashes', 'eval_mode', 'layer_input', 'atomic_write', 'save_json', 'PeakMemory',
+           'moved_names']
 
 # %% ../nbs/00_core.ipynb #b364e494
 def set_seed(
@@ -110,14 +111,22 @@ def current_samples() -> SampleKeys|None:
 # %% ../nbs/00_core.ipynb #28ab1e22
 _M32 = 0xFFFFFFFF
 
-def _mul32(a, c:int):
-    "`a * c mod 2**32` for 32-bit `a` and a constant `c`, in steps whose products stay below 2**49"
-    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _M32
+def as_int32(c:int) -> int:
+    "The int32 value with the bits of the 32-bit `c`"
+    return c - 2**32 if c >= 2**31 else c
+
+def hash32_(x:Tensor) -> Tensor:
+    "`hash32` of the int32 tensor `x`, in place"
+    x ^= (x >> 16) & 0xFFFF; x *= as_int32(0x21f0aaad)  # `& mask`: the shift of an int32 copies its sign bit
+    x ^= (x >> 15) & 0x1FFFF; x *= as_int32(0x735a2d97)
+    x ^= (x >> 15) & 0x1FFFF
+    return x
 
 def hash32(x):
-    "A 32-bit integer hash of 32-bit `x`: a Python int, or elementwise an int64 tensor"
-    x = x ^ (x >> 16); x = _mul32(x, 0x21f0aaad)
-    x = x ^ (x >> 15); x = _mul32(x, 0x735a2d97)
+    "A 32-bit integer hash: of a Python int in [0, 2**32), or elementwise of a tensor (as int32, its low 32 bits)"
+    if isinstance(x, Tensor): return hash32_(x.to(torch.int32, copy=True))
+    x ^= x >> 16; x = x * 0x21f0aaad & _M32
+    x ^= x >> 15; x = x * 0x735a2d97 & _M32
     return x ^ (x >> 15)
 
 def _fold32(x): return (x ^ (x >> 32)) & _M32
@@ -125,10 +134,11 @@ def _fold32(x): return (x ^ (x >> 32)) & _M32
 def sample_hashes(
     keys:SampleKeys,
     stream:int, # One stream of random numbers per layer (or use)
-) -> Tensor: # One int64 in [0, 2**32) per sample
+) -> Tensor: # One int32 per sample
     "A hash of (seed, stream, step, index) for each sample: where its random numbers in `stream` start"
     h = hash32(hash32(hash32(_fold32(keys.seed)) ^ _fold32(stream)) ^ _fold32(keys.step))
-    return hash32(_fold32(keys.index.long()) ^ h)
+    i = keys.index.long()
+    return hash32_(((i ^ (i >> 32)) & _M32).to(torch.int32) ^ as_int32(h))
 
 # %% ../nbs/00_core.ipynb #dbb5f2b5
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import torch
 from torch import nn, Tensor
 from fastcore.basics import patch
-from .core import current_samples, sample_hashes, hash32
+from .core import current_samples, sample_hashes, hash32, hash32_
 from .registry import NORMS, norm_layer
 
 # %% auto #0
@@ -45,8 +45,8 @@ def forward(self:PerSampleDropout, x:Tensor) -> Tensor:
     if self.p == 0: return x
     if self.p == 1: return x * 0
     h = sample_hashes(keys, self.stream).to(x.device).view(-1, *[1] * (x.dim() - 1))
-    keep = hash32(h ^ self._element_hashes(x.shape[1:], x.device)) >= round(self.p * 2**32)
-    return x * keep.to(x.dtype) * (1 / (1 - self.p))
+    keep = hash32_(h ^ self._element_hashes(x.shape[1:], x.device)) >= round(self.p * 2**32) - 2**31
+    return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
 
 # %% ../nbs/02b_models.ipynb #72deac57
 DROPOUT_MODES = ('per_sample', 'torch')

@@ -36,6 +36,7 @@ class PerSampleDropout(nn.Dropout):
 
 # %% ../nbs/02b_models.ipynb #ec7eb8a6
 @patch
+@torch.compiler.disable
 def forward(self:PerSampleDropout, x:Tensor) -> Tensor:
     keys = current_samples()
     if not self.training or keys is None: return nn.Dropout.forward(self, x)

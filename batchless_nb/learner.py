@@ -288,7 +288,7 @@ def _autocast(self:Learner):
 @patch
 def _forward_loss(self:Learner):
     "Forward the micro-batch `xb`: set `preds`, `task_loss`, `loss` (the task loss; callbacks add to it) and `terms`"
-    with self._autocast(), sample_keys(self.ib, self.step, self.seed):
+    with self._autocast(), sample_keys(None if self.seed is None else self.ib, self.step, self.seed):
         try: self.preds = self._fwd(self.xb)
         except FloatingPointError as e:
             raise NonFiniteLossError(f"non-finite activations at step {self.step} (epoch {self.epoch}): {e}") from e
@@ -482,7 +482,7 @@ def load(self:Learner,
                          f"learner has{' none' if self.scaler is None else ' one'}; use the same amp setting")
     if self.scaler is not None: self.scaler.load_state_dict(sd['scaler'])
     self.epoch, self.step, self.step_in_epoch = sd['epoch'], sd['step'], sd['step_in_epoch']
-    self.seed = sd.get('seed', self.seed)  # checkpoints before per-sample randomness have none
+    self.seed = sd.get('seed')  # None in checkpoints from before per-sample randomness: no sample keys, as they ran
     self._load_order(sd)
     self.history = sd['history']
     return self

@@ -117,13 +117,18 @@ def cleanup_batch(self:DPTraining, learn):
 # %% ../nbs/03e_private.ipynb #a605be4e
 @patch
 def after_epoch(self:DPTraining, learn):
-    learn.history['epochs'][-1].update(epsilon=self.epsilon(), delta=self.target_delta)
+    learn.history['epochs'][-1].update(epsilon=self.epsilon(), delta=self.target_delta, noise_multiplier=self.noise_multiplier)
 
 @patch
 def state_dict(self:DPTraining) -> dict: return {'accountant': list(self.accountant.history)}
 
 @patch
-def load_state_dict(self:DPTraining, d:dict): self.accountant.history = [tuple(h) for h in d['accountant']]
+def load_state_dict(self:DPTraining, d:dict):
+    history = [tuple(h) for h in d['accountant']]
+    if history and history[-1][0] != self.noise_multiplier:
+        raise ValueError(f"the checkpoint was trained with noise_multiplier={history[-1][0]} and this learner has "
+                         f"{self.noise_multiplier}; resume with the same noise (a target epsilon: with the same epochs)")
+    self.accountant.history = history
 
 # %% ../nbs/03e_private.ipynb #03c65be6
 def private_learner(

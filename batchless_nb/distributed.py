@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from .core import default_device, is_distributed, rank, world_size
+from .resume import with_batch_sampler
 
 # %% auto #0
 __all__ = ['distributed', 'distributed_train_loader', 'shard']
@@ -28,18 +29,36 @@ def distributed(device:str|None=None):
     finally: dist.destroy_process_group()
 
 # %% ../nbs/03a_distributed.ipynb #7a4a2c74
-def distributed_train_loader(dl:DataLoader, seed:int) -> DataLoader:
-    "`dl`'s dataset behind a `DistributedSampler`, each process loading its share of `dl.batch_size`"
-    world = world_size()
-    if dl.batch_size is None or dl.batch_size % world:
-        raise ValueError(f"the global batch size must be divisible by the {world} processes "
-                         f"(got batch_size={dl.batch_size}); choose a multiple of {world}")
-    shuffle = not isinstance(dl.sampler, torch.utils.data.SequentialSampler)
-    sampler = DistributedSampler(dl.dataset, num_replicas=world, rank=rank(), shuffle=shuffle, seed=seed,
-                                 drop_last=dl.drop_last)
-    return DataLoader(dl.dataset, batch_size=dl.batch_size // world, sampler=sampler, drop_last=dl.drop_last,
-                      num_workers=dl.num_workers, collate_fn=dl.collate_fn, pin_memory=dl.pin_memory,
-                      generator=torch.Generator().manual_seed(seed))
+_FEWER = ("a global batch of {n} samples cannot be shared by {w} processes: each needs at least one sample. "
+          "{what}; use fewer processes, another batch size, or drop_last=True")
+
+class _RankSlices:
+    "Batch sampler: rank `r`'s contiguous share of each batch of `batch_sampler`, for `world` processes"
+    def __init__(self, batch_sampler, r:int, world:int): self.batch_sampler, self.rank, self.world = batch_sampler, r, world
+    def __iter__(self):
+        for b in self.batch_sampler:
+            b = list(b)
+            if len(b) < self.world: raise ValueError(_FEWER.format(n=len(b), w=self.world, what='The sampler gave one'))
+            n, extra = divmod(len(b), self.world)
+            start = self.rank * n + min(self.rank, extra)
+            yield b[start:start + n + (self.rank < extra)]
+    def __len__(self): return len(self.batch_sampler)
+
+# %% ../nbs/03a_distributed.ipynb #048fe7f7
+def distributed_train_loader(
+    dl:DataLoader, # The one-process training loader (every process builds it the same way)
+    r:int|None=None, # This process's rank; None: `rank()`
+    world:int|None=None, # The number of processes; None: `world_size()`
+) -> DataLoader:
+    "`dl` for process `r` of `world`: its share of each of `dl`'s global batches, in `dl`'s order"
+    r, world = rank() if r is None else r, world_size() if world is None else world
+    if isinstance(dl.sampler, DistributedSampler): return dl
+    if dl.batch_sampler is None:
+        raise ValueError("expected a training DataLoader that makes batches (got batch_size=None); "
+                         "give it a batch_size or a batch_sampler")
+    last = len(dl.dataset) % dl.batch_size if dl.batch_size and not dl.drop_last else 0
+    if 0 < last < world: raise ValueError(_FEWER.format(n=last, w=world, what=f'The last batch of each epoch has {last}'))
+    return with_batch_sampler(dl, _RankSlices(dl.batch_sampler, r, world))
 
 def shard(dl:DataLoader) -> DataLoader:
     "Every `world`-th sample of `dl` for this process (no padding, so sums over processes are exact)"

@@ -6,17 +6,62 @@
 from __future__ import annotations
 import math
 from collections import OrderedDict
-from torch import nn
+import torch
+from torch import nn, Tensor
+from fastcore.basics import patch
+from .core import current_samples, sample_hashes, hash32, hash32_
 from .registry import NORMS, norm_layer
 
 # %% auto #0
-__all__ = ['NORM_POSITIONS', 'MODELS', 'keras_init_', 'paper_cnn', 'digits_cnn', 'mlp', 'get_model']
+__all__ = ['DROPOUT_MODES', 'NORM_POSITIONS', 'MODELS', 'PerSampleDropout', 'dropout_layer', 'keras_init_', 'paper_cnn',
+           'digits_cnn', 'mlp', 'get_model']
 
 # %% ../nbs/02b_models.ipynb #39f95fa8
+class PerSampleDropout(nn.Dropout):
+    "Dropout with each sample's mask drawn from (seed, `stream`, step, the sample's dataset index) of `sample_keys`"
+    def __init__(self,
+        p:float=0.5, # Probability of an element to be zeroed
+        stream:int|None=None, # This layer's stream of random numbers (give each layer its own); None: drawn from torch's generator
+    ):
+        super().__init__(p)
+        self.stream, self._elements = int(torch.randint(2**31, ())) if stream is None else int(stream), None
+
+    def extra_repr(self) -> str: return f'p={self.p}, stream={self.stream}'
+
+    def _element_hashes(self, shape:torch.Size, device:torch.device) -> Tensor:
+        "hash32 of each element's position in a sample of `shape` (kept for the next forward)"
+        if self._elements is None or self._elements[0] != (shape, device):
+            self._elements = ((shape, device), hash32(torch.arange(math.prod(shape), device=device).view(shape)))
+        return self._elements[1]
+
+# %% ../nbs/02b_models.ipynb #ec7eb8a6
+@patch
+@torch.compiler.disable
+def forward(self:PerSampleDropout, x:Tensor) -> Tensor:
+    keys = current_samples()
+    if not self.training or keys is None: return nn.Dropout.forward(self, x)
+    if x.dim() < 1 or x.shape[0] != len(keys.index):
+        raise ValueError(f"PerSampleDropout expected a batch of the {len(keys.index)} samples of this forward at dim 0 "
+                         f"(got input of shape {tuple(x.shape)}); apply it to batch-first activations")
+    if self.p == 0: return x
+    if self.p == 1: return x * 0
+    h = sample_hashes(keys, self.stream).to(x.device).view(-1, *[1] * (x.dim() - 1))
+    keep = hash32_(h ^ self._element_hashes(x.shape[1:], x.device)) >= round(self.p * 2**32) - 2**31
+    return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+# %% ../nbs/02b_models.ipynb #72deac57
+DROPOUT_MODES = ('per_sample', 'torch')
+
+def dropout_layer(p:float, mode:str='per_sample', stream:int|None=None) -> nn.Dropout:
+    "A dropout layer of rate `p`: `PerSampleDropout` (with `stream`) for 'per_sample', `nn.Dropout` for 'torch'"
+    if mode not in DROPOUT_MODES: raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES} (got {mode!r})")
+    return PerSampleDropout(p, stream) if mode == 'per_sample' else nn.Dropout(p)
+
+# %% ../nbs/02b_models.ipynb #cf2957da
 NORM_POSITIONS = ('after', 'before')
 
 def _stage(i:int, layer:nn.Conv2d|nn.Linear, norm:str, dropout:float, negative_slope:float, pool:bool=False,
-           norm_position:str='after', **kwargs) -> list[tuple[str, nn.Module]]:
+           norm_position:str='after', dropout_mode:str='per_sample', **kwargs) -> list[tuple[str, nn.Module]]:
     "Named modules of stage `i`: layer, LeakyReLU, norm (after the activation, or before it), Dropout, MaxPool 2 if `pool`"
     if norm_position not in NORM_POSITIONS:
         raise ValueError(f"norm_position must be one of {NORM_POSITIONS} (got {norm_position!r})")
@@ -24,7 +69,7 @@ def _stage(i:int, layer:nn.Conv2d|nn.Linear, norm:str, dropout:float, negative_s
     width, dim = (layer.out_channels, 2) if conv else (layer.out_features, 1)
     act, nrm = (f'act{i}', nn.LeakyReLU(negative_slope)), (f'norm{i}', norm_layer(norm, width, dim=dim, **kwargs))
     mods = [(f"{'conv' if conv else 'fc'}{i}", layer)] + ([act, nrm] if norm_position == 'after' else [nrm, act])
-    return mods + [(f'drop{i}', nn.Dropout(dropout))] + ([(f'pool{i}', nn.MaxPool2d(2))] if pool else [])
+    return mods + [(f'drop{i}', dropout_layer(dropout, dropout_mode, stream=i))] + ([(f'pool{i}', nn.MaxPool2d(2))] if pool else [])
 
 def _check_size(name:str, input_size:int|tuple, factor:int) -> tuple[int, int]:
     "(H, W) of `input_size`, checked to survive pooling down by `factor`"
@@ -51,12 +96,14 @@ def paper_cnn(
     input_size:int|tuple=32, # Input height and width (at least 8 for the three 2x poolings)
     negative_slope:float=0.3, # LeakyReLU slope; 0.3 is Keras' default, used by the reference
     norm_position:str='after', # 'after' the activation (the paper) or 'before' it (conv -> norm -> LeakyReLU)
+    dropout_mode:str='per_sample', # 'per_sample': `PerSampleDropout`; 'torch': `nn.Dropout`
     keras_init:bool=True, # Start conv/linear layers like Keras (Glorot-uniform, zero bias); False: PyTorch's init
     **kwargs, # Options of the BatchlessNorm layers, see `norm_layer`
 ) -> nn.Sequential:
     "The paper's CIFAR-10 network: 3 conv stages (64 channels; 7x7, 5x5, 3x3), 2 dense layers of 50, logits"
     h, w = _check_size('paper_cnn', input_size, 8)
-    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, norm_position=norm_position, **kwargs)
+    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, norm_position=norm_position,
+                dropout_mode=dropout_mode, **kwargs)
     mods, c = [], in_channels
     for i, k in enumerate((7, 5, 3), 1):
         mods += _stage(i, nn.Conv2d(c, 64, k, padding='same'), pool=True, **opts)
@@ -79,11 +126,13 @@ def digits_cnn(
     hidden:int=32, # Width of the hidden dense layer
     negative_slope:float=0.3, # LeakyReLU slope, as in `paper_cnn`
     norm_position:str='after', # 'after' the activation or 'before' it, as in `paper_cnn`
+    dropout_mode:str='per_sample', # 'per_sample': `PerSampleDropout`; 'torch': `nn.Dropout`
     **kwargs, # Options of the BatchlessNorm layers, see `norm_layer`
 ) -> nn.Sequential:
     "A small CNN for 8x8 digits: two 3x3 conv stages with pooling, one hidden dense layer, logits"
     h, w = _check_size('digits_cnn', input_size, 4)
-    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, norm_position=norm_position, **kwargs)
+    opts = dict(norm=norm, dropout=dropout, negative_slope=negative_slope, norm_position=norm_position,
+                dropout_mode=dropout_mode, **kwargs)
     c1, c2 = channels
     mods = _stage(1, nn.Conv2d(in_channels, c1, 3, padding=1), pool=True, **opts)
     mods += _stage(2, nn.Conv2d(c1, c2, 3, padding=1), pool=True, **opts)
@@ -101,12 +150,14 @@ def mlp(
     dropout:float=0.0, # Dropout rate after every norm
     negative_slope:float=0.3, # LeakyReLU slope, as in `paper_cnn`
     norm_position:str='after', # 'after' the activation or 'before' it, as in `paper_cnn`
+    dropout_mode:str='per_sample', # 'per_sample': `PerSampleDropout`; 'torch': `nn.Dropout`
     **kwargs, # Options of the BatchlessNorm layers, see `norm_layer`
 ) -> nn.Sequential:
     "A multilayer perceptron on flattened inputs: `Linear -> LeakyReLU -> [norm] -> Dropout` per hidden layer (`norm_position='after'`)"
     mods, n = [('flatten', nn.Flatten())], in_features
     for i, s in enumerate(sizes, 1):
-        mods += _stage(i, nn.Linear(n, s), norm, dropout, negative_slope, norm_position=norm_position, **kwargs)
+        mods += _stage(i, nn.Linear(n, s), norm, dropout, negative_slope, norm_position=norm_position,
+                       dropout_mode=dropout_mode, **kwargs)
         n = s
     mods += [(f'fc{len(sizes) + 1}', nn.Linear(n, n_classes))]
     return nn.Sequential(OrderedDict(mods))
@@ -118,7 +169,7 @@ def get_model(
     name:str, # One of `MODELS`: 'paper_cnn', 'digits_cnn', 'mlp'
     norm:str='bln-log', # One of `NORMS`
     input_shape:tuple|None=None, # Shape of one input, e.g. (3, 32, 32); None keeps the builder's defaults
-    **kwargs, # Passed to the builder, e.g. `n_classes`, `dropout`, BatchlessNorm options
+    **kwargs, # Passed to the builder, e.g. `n_classes`, `dropout`, `dropout_mode`, BatchlessNorm options
 ) -> nn.Sequential:
     "Build model `name` with normalization `norm`"
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {list(MODELS)}")

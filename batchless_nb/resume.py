@@ -4,13 +4,15 @@
 
 # %% ../nbs/03_resume.ipynb #0b88766d
 from __future__ import annotations
-import itertools, random
+import collections, itertools, random
+from typing import Iterator
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 # %% auto #0
-__all__ = ['order_generators', 'skip_batches', 'rng_states', 'set_rng_states']
+__all__ = ['order_generators', 'with_batch_sampler', 'skip_batches', 'indexed_batches', 'rng_states', 'set_rng_states']
 
 # %% ../nbs/03_resume.ipynb #ecda3b78
 def order_generators(dl:DataLoader) -> list[torch.Generator]:
@@ -19,7 +21,7 @@ def order_generators(dl:DataLoader) -> list[torch.Generator]:
     if hasattr(sampler, 'generator') and sampler.generator is None and dl.generator is None:
         g = torch.Generator().manual_seed(int(torch.randint(2**62, ())))  # from torch's global RNG, so set_seed fixes it
         sampler.generator = dl.generator = g
-    gens = [dl.generator, getattr(sampler, 'generator', None)]
+    gens = [dl.generator, getattr(sampler, 'generator', None), getattr(dl.batch_sampler, 'generator', None)]
     return [g for i, g in enumerate(gens) if g is not None and all(g is not h for h in gens[:i])]
 
 class _SkipBatches:
@@ -28,13 +30,39 @@ class _SkipBatches:
     def __iter__(self): return itertools.islice(iter(self.batch_sampler), self.n, None)
     def __len__(self): return max(len(self.batch_sampler) - self.n, 0)
 
+def with_batch_sampler(dl:DataLoader, batch_sampler) -> DataLoader:
+    "`dl` with another batch sampler: the same dataset, collate function, workers and generator (so the same draws)"
+    extra = {'prefetch_factor': dl.prefetch_factor} if dl.num_workers else {}
+    return DataLoader(dl.dataset, batch_sampler=batch_sampler, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+                      pin_memory=dl.pin_memory, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
+                      multiprocessing_context=dl.multiprocessing_context, generator=dl.generator,
+                      persistent_workers=dl.persistent_workers, **extra)
+
 def skip_batches(dl:DataLoader, n:int) -> DataLoader:
     "`dl` without its first `n` batches, in the order `dl`'s generators give (the skipped ones are never loaded)"
     if n == 0: return dl
-    return DataLoader(dl.dataset, batch_sampler=_SkipBatches(dl.batch_sampler, n), num_workers=dl.num_workers,
-                      collate_fn=dl.collate_fn, pin_memory=dl.pin_memory, timeout=dl.timeout,
-                      worker_init_fn=dl.worker_init_fn, multiprocessing_context=dl.multiprocessing_context,
-                      generator=dl.generator, persistent_workers=dl.persistent_workers)
+    return with_batch_sampler(dl, _SkipBatches(dl.batch_sampler, n))
+
+# %% ../nbs/03_resume.ipynb #d152a1cb
+class _Given:
+    "Batch sampler over `batch_sampler` that keeps the batches of indices it gave, until they are taken"
+    def __init__(self, batch_sampler): self.batch_sampler, self.given = batch_sampler, collections.deque()
+    def __iter__(self):
+        for b in self.batch_sampler:
+            self.given.append(b)
+            yield b
+    def __len__(self): return len(self.batch_sampler)
+
+def indexed_batches(
+    dl:DataLoader,
+    skip:int=0, # Leave out the first `skip` batches, as `skip_batches`
+) -> Iterator[tuple[object, Tensor|None]]:
+    "Each batch of `dl` with its samples' indices in `dl.dataset` (None where the loader has none: iterable datasets)"
+    if isinstance(dl.dataset, IterableDataset) or dl.batch_sampler is None:
+        for batch in skip_batches(dl, skip): yield batch, None
+        return
+    given = _Given(_SkipBatches(dl.batch_sampler, skip) if skip else dl.batch_sampler)
+    for batch in with_batch_sampler(dl, given): yield batch, torch.as_tensor(given.given.popleft(), dtype=torch.long)
 
 # %% ../nbs/03_resume.ipynb #fc4ec08b
 def rng_states() -> dict:

@@ -204,3 +204,29 @@ def test_errors(data):
     bad = DataLoader(TensorDataset(torch.zeros(4, 2)), batch_size=2)
     with pytest.raises(ValueError, match=r'expected batches of \(inputs, targets\)'):
         Learner(torch.nn.Linear(2, 2), (bad, None), progress=False).fit(1)
+
+
+def _dropout_run(data, micro_batch_size=None, num_workers=0, mode='per_sample'):
+    set_seed(0)
+    m = get_model('digits_cnn', 'bln-log', input_shape=data.input_shape, dropout=0.25, dropout_mode=mode).double()
+    learn = batchless_learner(m, dataloaders(data, batch_size=64, seed=0, num_workers=num_workers),
+                              micro_batch_size=micro_batch_size, progress=False, device='cpu')
+    learn.fit(1)
+    return learn
+
+
+def test_per_sample_dropout_micro_batches_float64(data):
+    "Per-sample dropout (the models' default): micro-batches of 5 train as the whole batch; torch's dropout does not"
+    whole, parts = _dropout_run(data), _dropout_run(data, 5)
+    assert (params(parts) - params(whole)).abs().max() <= 1e-12 * params(whole).abs().max()
+    torch_whole, torch_parts = _dropout_run(data, mode='torch'), _dropout_run(data, 5, mode='torch')
+    assert (params(torch_parts) - params(torch_whole)).abs().max() > 1e-6 * params(torch_whole).abs().max()
+
+
+def test_sample_indices_with_worker_processes(data):
+    "Loader workers load ahead; each batch still gets its own samples' indices, so the training is the same"
+    from batchless_nb.resume import indexed_batches
+    ds = TensorDataset(torch.arange(50) * 10)
+    dl = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0), num_workers=2)
+    for (b,), i in indexed_batches(dl): assert b.tolist() == (i * 10).tolist()
+    assert (params(_dropout_run(data, num_workers=2)) - params(_dropout_run(data))).abs().max() == 0

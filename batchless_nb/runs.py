@@ -14,8 +14,9 @@ from .learner import Learner
 from .track import StatsLog, TrackStats
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run', 'as_run',
-           'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'results_table']
+__all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'SPREADS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run',
+           'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'seed_stats',
+           'ties_with_best', 'results_table']
 
 # %% ../nbs/04_runs.ipynb #1483bd38
 def summarize(history:dict) -> dict:
@@ -167,22 +168,71 @@ def load_sweep(
     return df
 
 # %% ../nbs/04_runs.ipynb #2f404331
+SPREADS = ('std', 'range')
+
+def _method(r:dict) -> str: return r.get('method') or r['norm']
+
+def seed_stats(
+    rows:list[dict], # Result rows of a sweep
+    metric:str='best_val_acc', # A column of the rows
+    spread:str='std', # 'std': lo, hi = mean ∓ sample std over seeds; 'range': lo, hi = lowest, highest seed
+) -> dict[tuple, dict]: # {(method, batch size): {'mean', 'lo', 'hi', 'n'}}, in the rows' order
+    "Per cell (method x batch size): mean of `metric` over seeds and the interval of their spread"
+    if spread not in SPREADS: raise ValueError(f"spread must be one of {SPREADS} (got {spread!r})")
+    vals = {}
+    for r in rows:
+        if r.get(metric) is not None: vals.setdefault((_method(r), r['batch_size']), []).append(float(r[metric]))
+    out = {}
+    for k, v in vals.items():
+        mean = statistics.mean(v)
+        s = statistics.stdev(v) if len(v) > 1 else 0.
+        out[k] = dict(mean=mean, lo=mean - s, hi=mean + s, n=len(v)) if spread == 'std' else dict(mean=mean, lo=min(v), hi=max(v), n=len(v))
+    return out
+
+# %% ../nbs/04_runs.ipynb #a197ade5
+def ties_with_best(
+    rows:list[dict], # Result rows of a sweep
+    metric:str='best_val_acc', # A column of the rows
+    spread:str='std', # See `seed_stats`
+    higher_is_better:bool|None=None, # None: lower is better for a metric with 'loss' in its name, higher otherwise
+) -> dict[int, list[str]]: # {batch size: [the best method, then the others within its spread]}
+    "Per batch size, the best method by mean over seeds and every method whose spread overlaps the best's"
+    st = seed_stats(rows, metric, spread)
+    up = ('loss' not in metric) if higher_is_better is None else higher_is_better
+    out = {}
+    for b in sorted({b for _, b in st}):
+        cells = {m: s for (m, bb), s in st.items() if bb == b}
+        best = (max if up else min)(cells, key=lambda m: cells[m]['mean'])
+        close = [m for m, s in cells.items() if m != best and (s['hi'] >= cells[best]['lo'] if up else s['lo'] <= cells[best]['hi'])]
+        out[b] = [best] + close
+    return out
+
+# %% ../nbs/04_runs.ipynb #9fab386b
+def _cell_text(s:dict|None, spread:str|None, star:bool) -> str:
+    if s is None: return '-'
+    txt = f"{s['mean']:.4f}"
+    if spread == 'std' and s['n'] > 1: txt += f" ± {s['hi'] - s['mean']:.4f}"
+    elif spread == 'range' and s['n'] > 1: txt += f" [{s['lo']:.4f}, {s['hi']:.4f}]"
+    return txt + ('*' if star else '')
+
 def results_table(
     rows:list[dict], # Result rows of a sweep
     metrics:tuple=('best_val_acc', 'best_val_loss'), # Columns of the rows to tabulate, one table each
+    spread:str|None='std', # With the mean: 'std' over seeds, their 'range', or None (the mean alone, no `*`)
 ) -> str:
-    "Method (norm, and BlN update rule) x batch-size tables of the mean of each of `metrics` over seeds"
-    method = lambda r: r.get('method', r['norm'])
-    norms = list(dict.fromkeys(method(r) for r in rows))
+    "Method (norm, and BlN update rule) x batch-size tables of each of `metrics`: mean and spread over seeds"
+    norms = list(dict.fromkeys(_method(r) for r in rows))
     width = max([8] + [len(n) + 1 for n in norms])
     sizes = sorted({r['batch_size'] for r in rows})
     lines = []
     for m in metrics:
-        lines += ['', f"{m} (rows: norm, columns: batch size)", f"{'':{width}s}" + ''.join(f"{b:>9d}" for b in sizes)]
-        for n in norms:
-            cells = []
-            for b in sizes:
-                vals = [r[m] for r in rows if method(r) == n and r['batch_size'] == b and r[m] is not None]
-                cells.append(f"{statistics.mean(vals):9.4f}" if vals else f"{'-':>9s}")
-            lines.append(f"{n:{width}s}" + ''.join(cells))
+        st, ties = seed_stats(rows, m, spread or 'std'), (ties_with_best(rows, m, spread) if spread else {})
+        cells = {(n, b): _cell_text(st.get((n, b)), spread, n in ties.get(b, [])) for n in norms for b in sizes}
+        w = max([9] + [len(c) + 2 for c in cells.values()])
+        ns = sorted({s['n'] for s in st.values()})
+        how = '' if not spread else (f"; mean ± std over {ns[0]}{'' if len(ns) == 1 else f'-{ns[-1]}'} seeds" if spread == 'std' else
+                                     f"; mean [lowest, highest] over {ns[0]}{'' if len(ns) == 1 else f'-{ns[-1]}'} seeds")
+        star = '; *: best, or within the spread of the best' if spread else ''
+        lines += ['', f"{m} (rows: norm, columns: batch size{how}{star})", f"{'':{width}s}" + ''.join(f"{b:>{w}d}" for b in sizes)]
+        lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]
     return '\n'.join(lines[1:])

@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .core import atomic_write, save_json
-from .registry import model_norm
+from .registry import NORMS, model_norm
 from .learner import Learner
 from .track import StatsLog, TrackStats
 
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'SPREADS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run',
-           'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'seed_stats',
-           'ties_with_best', 'results_table']
+           'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'method_order',
+           'seed_stats', 'ties_with_best', 'results_table']
 
 # %% ../nbs/04_runs.ipynb #1483bd38
 def summarize(history:dict) -> dict:
@@ -172,6 +172,13 @@ SPREADS = ('std', 'range')
 
 def _method(r:dict) -> str: return r.get('method') or r['norm']
 
+def method_order(
+    methods, # Names of sweep methods: norms, or NORM/VARIANT such as 'bln-log/natural0.01'
+) -> list[str]:
+    "The distinct `methods` in the registry's order of their norms (unregistered ones last), each norm's variants after it"
+    names = list(NORMS)
+    return sorted(set(methods), key=lambda m: (names.index(m.split('/')[0]) if m.split('/')[0] in names else len(names), '/' in m, m))
+
 def seed_stats(
     rows:list[dict], # Result rows of a sweep
     metric:str='best_val_acc', # A column of the rows
@@ -221,7 +228,7 @@ def results_table(
     spread:str|None='std', # With the mean: 'std' over seeds, their 'range', or None (the mean alone, no `*`)
 ) -> str:
     "Method (norm, and BlN update rule) x batch-size tables of each of `metrics`: mean and spread over seeds"
-    norms = list(dict.fromkeys(_method(r) for r in rows))
+    norms = method_order(_method(r) for r in rows)
     width = max([8] + [len(n) + 1 for n in norms])
     sizes = sorted({r['batch_size'] for r in rows})
     lines = []
@@ -230,8 +237,8 @@ def results_table(
         cells = {(n, b): _cell_text(st.get((n, b)), spread, n in ties.get(b, [])) for n in norms for b in sizes}
         w = max([9] + [len(c) + 2 for c in cells.values()])
         ns = sorted({s['n'] for s in st.values()})
-        how = '' if not spread else (f"; mean ± std over {ns[0]}{'' if len(ns) == 1 else f'-{ns[-1]}'} seeds" if spread == 'std' else
-                                     f"; mean [lowest, highest] over {ns[0]}{'' if len(ns) == 1 else f'-{ns[-1]}'} seeds")
+        seeds = f"{ns[0]}{'' if len(ns) == 1 else f'-{ns[-1]}'} seed{'s' * (ns[-1] > 1)}"
+        how = '' if not spread else f"; mean {'± std' if spread == 'std' else '[lowest, highest]'} over {seeds}"
         star = '; *: best, or within the spread of the best' if spread else ''
         lines += ['', f"{m} (rows: norm, columns: batch size{how}{star})", f"{'':{width}s}" + ''.join(f"{b:>{w}d}" for b in sizes)]
         lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]

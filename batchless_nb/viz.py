@@ -12,7 +12,7 @@ import seaborn as sns
 from .core import moved_names
 from .registry import NORMS
 from .track import StatsLog
-from .runs import Run, as_run, load_sweep, seed_stats
+from .runs import Run, as_run, load_sweep, seed_stats, method_order
 
 # %% auto #0
 __all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses', 'method_label',
@@ -309,11 +309,6 @@ def method_label(
     if variant.startswith('natural'): variant = f"natural η={variant[len('natural'):]}"
     return _label(norm) + (f', {variant}' if variant else '')
 
-def _method_order(methods) -> list[str]:
-    "Methods in the registry's order of their norms (unregistered ones last), each norm's variants after it"
-    names = list(NORMS)
-    return sorted(set(methods), key=lambda m: (names.index(m.split('/')[0]) if m.split('/')[0] in names else len(names), '/' in m, m))
-
 # %% ../nbs/04a_viz.ipynb #8030241d
 def _method_styles(methods:list[str]) -> dict[str, dict]:
     "Colour, line style and marker per method: a norm's variants share its colour with dashed lines and square markers"
@@ -337,7 +332,7 @@ def plot_sweep(
     "Best validation accuracy and loss against batch size, one line per method, error bars over seeds"
     df = load_sweep(results).copy()
     df['method'] = df['method'].fillna(df['norm']) if 'method' in df else df['norm']
-    methods = _method_order(df['method'])
+    methods = method_order(df['method'])
     styles, rows = _method_styles(methods), df.to_dict('records')
     n_seeds = df.groupby(['method', 'batch_size'])['seed'].nunique().max()
     axs = _axes(axs, 1, len(metrics), (4.8, 3.6)).ravel()

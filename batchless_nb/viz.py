@@ -310,11 +310,13 @@ def method_label(
     return _label(norm) + (f', {variant}' if variant else '')
 
 # %% ../nbs/04a_viz.ipynb #8030241d
+_MARKERS = ['o', 's', '^', 'D', 'v', 'P', 'X', '<', '>', 'h']
+
 def _method_styles(methods:list[str]) -> dict[str, dict]:
-    "Colour, line style and marker per method: a norm's variants share its colour with dashed lines and square markers"
+    "Colour, line style and marker per method: a marker each (colours can be close); a norm's variants share its colour, dashed"
     colors = run_colors([m.split('/')[0] for m in methods])
-    return {m: dict(color=colors[m.split('/')[0]], linestyle='--' if '/' in m else '-', marker='s' if '/' in m else 'o')
-            for m in methods}
+    return {m: dict(color=colors[m.split('/')[0]], linestyle='--' if '/' in m else '-', marker=_MARKERS[i % len(_MARKERS)])
+            for i, m in enumerate(methods)}
 
 _METRIC_NAMES = {'best_val_acc': ('accuracy', 'best validation accuracy'),
                  'best_val_loss': ('loss', 'best validation loss (cross-entropy)'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_runs.ipynb #eb5708d5
 from __future__ import annotations
-import csv, io, json, statistics
+import csv, io, json, math, statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -203,12 +203,13 @@ def ties_with_best(
     spread:str='std', # See `seed_stats`
     higher_is_better:bool|None=None, # None: lower is better for a metric with 'loss' in its name, higher otherwise
 ) -> dict[int, list[str]]: # {batch size: [the best method, then the others within its spread]}
-    "Per batch size, the best method by mean over seeds and every method whose spread overlaps the best's"
+    "Per batch size, the best method by mean over seeds and every method whose spread overlaps the best's (NaN means left out)"
     st = seed_stats(rows, metric, spread)
     up = ('loss' not in metric) if higher_is_better is None else higher_is_better
     out = {}
     for b in sorted({b for _, b in st}):
-        cells = {m: s for (m, bb), s in st.items() if bb == b}
+        cells = {m: s for (m, bb), s in st.items() if bb == b and math.isfinite(s['mean'])}  # a diverged run (NaN) ranks nowhere
+        if not cells: continue
         best = (max if up else min)(cells, key=lambda m: cells[m]['mean'])
         close = [m for m, s in cells.items() if m != best and (s['hi'] >= cells[best]['lo'] if up else s['lo'] <= cells[best]['hi'])]
         out[b] = [best] + close

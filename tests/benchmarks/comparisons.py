@@ -9,8 +9,9 @@ Each (dataset, batch size, seed) is one `batchless-nb sweep` in RUNS/DATASET/bsB
 thread, at most --jobs at once, seed 0 first (so a cut-short run already has a whole table of one seed). Sweeps resume:
 run the same command again to continue. After each sweep the small files are collected into TO/DATASET: `results.csv`
 and `results.json` (every finished cell) and per cell `metrics.json` with its per-epoch history only; no weights or
-checkpoints. `--pilot` trains one seed for one epoch instead (in RUNS/pilot, nothing collected) and prints the time per
-epoch of each cell and the estimated time of the full sweep.
+checkpoints. `--pilot` trains one seed for one epoch instead (in RUNS/pilot, nothing collected; CIFAR-10 on 2,000 images at
+every batch size) and prints the CPU time per epoch of each cell of the full sweep (a pilot on fewer images scaled up, its
+validation pass measured apart) and the estimated time of the full sweep.
 
     .venv/bin/python tests/benchmarks/comparisons.py digits                      # the digits sweep, resumable
     .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz
@@ -18,7 +19,7 @@ epoch of each cell and the estimated time of the full sweep.
     .venv/bin/python tests/benchmarks/comparisons.py digits cifar10 --collect    # only collect what has finished
 """
 from __future__ import annotations
-import argparse, json, os, subprocess, sys, time
+import argparse, functools, json, os, subprocess, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,13 +36,13 @@ DATASETS = {
     'cifar10': ['--dataset', 'cifar10', '--model', 'paper_cnn', '--init-passes', '1'],
 }
 
-def sweep_args(dataset:str, batch_size:int, seed:int, epochs:int, data_path:str|None) -> list[str]:
-    "The `batchless-nb sweep` arguments of one (dataset, batch size, seed), without --out"
+def sweep_args(dataset:str, batch_size:int, seed:int, epochs:int, data_path:str|None, pilot:bool=False) -> list[str]:
+    "The `batchless-nb sweep` arguments of one (dataset, batch size, seed), without --out; a CIFAR pilot trains on 2,000 images"
     args = DATASETS[dataset] + ['--valid', 'test', '--norms', *NORMS, *BLN, '--batch-sizes', str(batch_size),
                                 '--seeds', str(seed), '--epochs', str(epochs), '--threads', '1', '--no-track-stats']
     if dataset == 'cifar10':
         if not data_path: raise SystemExit("cifar10 needs --data-path (the CIFAR-10 archive cifar-10-python.tar.gz or its directory)")
-        args += ['--data-path', data_path] + (['--train-samples', str(SMALL_BATCH_SAMPLES)] if batch_size <= 2 else [])
+        args += ['--data-path', data_path] + (['--train-samples', str(SMALL_BATCH_SAMPLES)] if batch_size <= 2 or pilot else [])
     return args
 
 def run_sweep(args:list[str], out:Path, nice:int) -> tuple[Path, int, float, float]:
@@ -79,20 +80,49 @@ def collect(runs:Path, to:Path) -> int:
     write_sweep(to, common, sorted(rows, key=_order))
     return len(rows)
 
-def estimate(pilot:Path, epochs:int, n_seeds:int, jobs:int) -> str:
-    "CPU seconds per epoch of each pilot cell, and the time of the full sweep they predict"
-    per = {}
+@functools.lru_cache(maxsize=None)
+def valid_cpu(dataset:str, norm:str, data_path:str|None) -> float:
+    "CPU seconds of one validation pass (the test images, eval batches of 256) of a fresh model with `norm`, one thread"
+    import torch
+    from batchless_nb.cli import DEFAULT_MODELS
+    from batchless_nb.data import get_data
+    from batchless_nb.models import get_model
+    torch.set_num_threads(1)
+    data = get_data(dataset, valid='test', **({'path': data_path} if dataset == 'cifar10' else {}))
+    model = get_model(DEFAULT_MODELS[dataset], norm, input_shape=data.input_shape, n_classes=data.n_classes).eval()
+    x = data.valid.tensors[0]
+    with torch.no_grad():
+        model(x[:256])  # warm-up
+        t0 = time.process_time()
+        for xb in x.split(256): model(xb)
+    return time.process_time() - t0
+
+def full_samples(dataset:str, batch_size:int) -> int|None:
+    "Training images per epoch of the full sweep (None: all of them)"
+    return SMALL_BATCH_SAMPLES if dataset == 'cifar10' and batch_size <= 2 else {'cifar10': 10_000}.get(dataset)
+
+def estimate(pilot:Path, epochs:int, n_seeds:int, jobs:int, data_path:str|None=None) -> str:
+    "CPU seconds per epoch of each cell of the full sweep, from the pilot's, and the time of the full sweep"
+    per, scaled = {}, False
     for sub in sorted(pilot.glob('bs*-seed*')):
-        rows, cpu = read_sweep(sub)[1], sub.with_suffix('.cpu.jsonl')
+        settings, rows = read_sweep(sub)
+        cpu = sub.with_suffix('.cpu.jsonl')
         if not rows or not cpu.is_file(): continue
         runs = [json.loads(l) for l in cpu.read_text().splitlines()]
         if len(runs) > 1 or runs[0]['rc'] != 0: continue  # resumed or failed: the CPU time is not the cells'
         wall = sum(r['time_s'] for r in rows)  # each cell's share of the sweep's CPU time is its share of the wall time
-        per |= {(r['method'], r['batch_size']): runs[0]['cpu_s'] * r['time_s'] / wall / r['epochs'] for r in rows}
+        for r in rows:
+            sec = runs[0]['cpu_s'] * r['time_s'] / wall / r['epochs']
+            n, full = settings.get('train_samples'), full_samples(settings['dataset'], r['batch_size'])
+            if n and full and n < full:  # trained on fewer images: scale the training part, not the validation pass
+                v = valid_cpu(settings['dataset'], r['norm'], data_path)
+                sec, scaled = (sec - v) * full / n + v, True
+            per[r['method'], r['batch_size']] = sec
     if not per: return f"no complete pilot sweeps in {pilot}"
     sizes = sorted({b for _, b in per})
-    lines = [f'CPU seconds per epoch (one thread; CIFAR-10 at batch <= 2: {SMALL_BATCH_SAMPLES} images per epoch; '
-             'start-up, data loading and init included)', f"{'':22s}" + ''.join(f"{b:>8d}" for b in sizes)]
+    lines = [f'CPU seconds per epoch of the full sweep (one thread; start-up, data loading and init included; CIFAR-10 at '
+             f'batch <= 2: {SMALL_BATCH_SAMPLES} images per epoch' + ('; scaled up from pilots on fewer images' if scaled else '') + ')',
+             f"{'':22s}" + ''.join(f"{b:>8d}" for b in sizes)]
     for m in [m for m in METHODS if any(k[0] == m for k in per)]:
         lines.append(f"{m:22s}" + ''.join(f"{per[m, b]:8.1f}" if (m, b) in per else f"{'-':>8s}" for b in sizes))
     total = sum(per.values()) * epochs * n_seeds
@@ -119,12 +149,12 @@ def main(argv=None):
     root = a.runs/'pilot' if a.pilot else a.runs
     jobs = [(d, b, s) for d in a.datasets for s in seeds for b in a.batch_sizes]  # seed by seed: early stops leave whole tables
     if a.dry_run:
-        for d, b, s in jobs: print('batchless-nb sweep', *sweep_args(d, b, s, epochs, a.data_path), '--out', root/d/f'bs{b}-seed{s}')
+        for d, b, s in jobs: print('batchless-nb sweep', *sweep_args(d, b, s, epochs, a.data_path, a.pilot), '--out', root/d/f'bs{b}-seed{s}')
         return
     if not a.collect:
         def one(job):
             d, b, s = job
-            out, rc, secs, cpu = run_sweep(sweep_args(d, b, s, epochs, a.data_path), root/d/f'bs{b}-seed{s}', a.nice)
+            out, rc, secs, cpu = run_sweep(sweep_args(d, b, s, epochs, a.data_path, a.pilot), root/d/f'bs{b}-seed{s}', a.nice)
             print(f"{'done' if rc == 0 else f'FAILED (exit {rc}, see {out}.log)'}: {d} batch {b} seed {s} in {secs:.0f}s "
                   f"({cpu:.0f}s of CPU)", flush=True)
             if rc == 0 and not a.pilot: collect(root/d, a.to/d)
@@ -132,7 +162,7 @@ def main(argv=None):
         with ThreadPoolExecutor(a.jobs) as pool: failed = sum(rc != 0 for rc in pool.map(one, jobs))
         if failed: print(f"{failed} sweeps failed; run the same command again to resume them")
     for d in a.datasets:
-        if a.pilot: print(f"\n{d}:\n" + estimate(root/d, a.epochs, len(a.seeds), a.jobs))
+        if a.pilot: print(f"\n{d}:\n" + estimate(root/d, a.epochs, len(a.seeds), a.jobs, a.data_path))
         else: print(f"{d}: {collect(root/d, a.to/d)} cells collected into {a.to/d}")
 
 if __name__ == '__main__': main()

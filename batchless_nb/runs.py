@@ -16,7 +16,7 @@ from .track import StatsLog, TrackStats
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'SPREADS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run',
            'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'method_order',
-           'seed_stats', 'ties_with_best', 'results_table']
+           'seed_stats', 'ties_with_best', 'results_table', 'method_label', 'markdown_table']
 
 # %% ../nbs/04_runs.ipynb #1483bd38
 def summarize(history:dict) -> dict:
@@ -244,3 +244,32 @@ def results_table(
         lines += ['', f"{m} (rows: norm, columns: batch size{how}{star})", f"{'':{width}s}" + ''.join(f"{b:>{w}d}" for b in sizes)]
         lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]
     return '\n'.join(lines[1:])
+
+# %% ../nbs/04_runs.ipynb #7a12a7a3
+def method_label(
+    method:str, # A sweep's method: a norm name, or NORM/VARIANT such as 'bln-log/natural0.01'
+) -> str:
+    "The label of a sweep's method in plots and tables, e.g. 'BlN-log, natural η=0.01'"
+    norm, _, variant = method.partition('/')
+    if variant.startswith('natural'): variant = f"natural η={variant[len('natural'):]}"
+    return (NORMS[norm].label if norm in NORMS else norm) + (f', {variant}' if variant else '')
+
+def markdown_table(
+    rows:list[dict], # Result rows of a sweep
+    metric:str='final_val_acc', # A column of the rows
+    spread:str='std', # See `seed_stats`
+    digits:int=3, # Decimals
+    labels:dict|None=None, # Row labels by method (default: `method_label`)
+) -> str:
+    "A Markdown table method x batch size of `metric`: mean ± std (or [lowest, highest]) over seeds, ties with the best in bold"
+    st, ties = seed_stats(rows, metric, spread), ties_with_best(rows, metric, spread)
+    methods, sizes = method_order(_method(r) for r in rows), sorted({r['batch_size'] for r in rows})
+    def cell(m, b):
+        s = st.get((m, b))
+        if s is None: return '-'
+        txt = f"{s['mean']:.{digits}f}" + ('' if s['n'] == 1 else f" ± {s['hi'] - s['mean']:.{digits}f}" if spread == 'std'
+                                           else f" [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]")
+        return f"**{txt}**" if m in ties.get(b, []) else txt
+    label = lambda m: (labels or {}).get(m, method_label(m))
+    lines = ['| batch size | ' + ' | '.join(map(str, sizes)) + ' |', '|---' * (len(sizes) + 1) + '|']
+    return '\n'.join(lines + [f"| {label(m)} | " + ' | '.join(cell(m, b) for b in sizes) + ' |' for m in methods])

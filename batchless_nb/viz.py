@@ -12,11 +12,10 @@ import seaborn as sns
 from .core import moved_names
 from .registry import NORMS
 from .track import StatsLog
-from .runs import Run, as_run, load_sweep, seed_stats, method_order
+from .runs import Run, as_run, load_sweep, seed_stats, method_order, method_label
 
 # %% auto #0
-__all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses', 'method_label',
-           'plot_sweep']
+__all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses', 'plot_sweep']
 
 # %% ../nbs/04a_viz.ipynb #f317a6ff
 _OWN = {'bln': ('learned', 'μ', 'σ'), 'bn': ('running', 'running mean', '√(running var + ε)'),
@@ -299,15 +298,6 @@ def plot_losses(
         if at is not None: ax.axvline(at, color='0.2', linewidth=0.8, linestyle=':')
         ax.set_xlabel('training step' if x == 'step' else 'epoch')
     return axs
-
-# %% ../nbs/04a_viz.ipynb #e41d2447
-def method_label(
-    method:str, # A sweep's method: a norm name, or NORM/VARIANT such as 'bln-log/natural0.01'
-) -> str:
-    "The label of a sweep's method in plots and tables, e.g. 'BlN-log, natural η=0.01'"
-    norm, _, variant = method.partition('/')
-    if variant.startswith('natural'): variant = f"natural η={variant[len('natural'):]}"
-    return _label(norm) + (f', {variant}' if variant else '')
 
 # %% ../nbs/04a_viz.ipynb #8030241d
 _MARKERS = ['o', 's', '^', 'D', 'v', 'P', 'X', '<', '>', 'h']

@@ -97,37 +97,51 @@ def valid_cpu(dataset:str, norm:str, data_path:str|None) -> float:
         for xb in x.split(256): model(xb)
     return time.process_time() - t0
 
+@functools.lru_cache(maxsize=None)
+def startup_cpu(dataset:str, data_path:str|None) -> float:
+    "CPU seconds a sweep process spends before its first cell: starting Python, importing the package, loading the data"
+    code = ("import sys; from batchless_nb.cli import sweep; from batchless_nb.data import get_data; "
+            "get_data(sys.argv[1], valid='test', **({'path': sys.argv[2]} if sys.argv[1] == 'cifar10' else {}))")
+    proc = subprocess.Popen([sys.executable, '-c', code, dataset, data_path or ''], env=os.environ | {'OMP_NUM_THREADS': '1'})
+    _, status, use = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status): raise SystemExit(f"could not load {dataset} (data path {data_path!r})")
+    return use.ru_utime + use.ru_stime
+
 def full_samples(dataset:str, batch_size:int) -> int|None:
     "Training images per epoch of the full sweep (None: all of them)"
     return SMALL_BATCH_SAMPLES if dataset == 'cifar10' and batch_size <= 2 else {'cifar10': 10_000}.get(dataset)
 
 def estimate(pilot:Path, epochs:int, n_seeds:int, jobs:int, data_path:str|None=None) -> str:
-    "CPU seconds per epoch of each cell of the full sweep, from the pilot's, and the time of the full sweep"
-    per, scaled = {}, False
+    """CPU seconds per epoch of the full sweep, per batch size (exact: each pilot sweep's own CPU time) and per cell
+    (approximate: a sweep's CPU split by its cells' wall-clock times, which a loaded machine distorts)"""
+    per_b, per_cell, scaled = {}, {}, False
     for sub in sorted(pilot.glob('bs*-seed*')):
         settings, rows = read_sweep(sub)
         cpu = sub.with_suffix('.cpu.jsonl')
         if not rows or not cpu.is_file(): continue
         runs = [json.loads(l) for l in cpu.read_text().splitlines()]
         if len(runs) > 1 or runs[0]['rc'] != 0: continue  # resumed or failed: the CPU time is not the cells'
-        wall = sum(r['time_s'] for r in rows)  # each cell's share of the sweep's CPU time is its share of the wall time
-        for r in rows:
-            sec = runs[0]['cpu_s'] * r['time_s'] / wall / r['epochs']
-            n, full = settings.get('train_samples'), full_samples(settings['dataset'], r['batch_size'])
-            if n and full and n < full:  # trained on fewer images: scale the training part, not the validation pass
-                v = valid_cpu(settings['dataset'], r['norm'], data_path)
-                sec, scaled = (sec - v) * full / n + v, True
-            per[r['method'], r['batch_size']] = sec
-    if not per: return f"no complete pilot sweeps in {pilot}"
-    sizes = sorted({b for _, b in per})
-    lines = [f'CPU seconds per epoch of the full sweep (one thread; start-up, data loading and init included; CIFAR-10 at '
-             f'batch <= 2: {SMALL_BATCH_SAMPLES} images per epoch' + ('; scaled up from pilots on fewer images' if scaled else '') + ')',
-             f"{'':22s}" + ''.join(f"{b:>8d}" for b in sizes)]
-    for m in [m for m in METHODS if any(k[0] == m for k in per)]:
-        lines.append(f"{m:22s}" + ''.join(f"{per[m, b]:8.1f}" if (m, b) in per else f"{'-':>8s}" for b in sizes))
-    total = sum(per.values()) * epochs * n_seeds
+        ds, b = settings['dataset'], rows[0]['batch_size']
+        n, full = settings.get('train_samples'), full_samples(ds, b)
+        start, cells = startup_cpu(ds, data_path), (runs[0]['cpu_s'] - startup_cpu(ds, data_path)) / settings['epochs']
+        if n and full and n < full:  # trained on fewer images: scale the training part, not the validation passes
+            v = sum(valid_cpu(ds, r['norm'], data_path) for r in rows)
+            cells, scaled = (cells - v) * full / n + v, True
+        per_b[b] = (start, cells)
+        wall = sum(r['time_s'] for r in rows)
+        per_cell |= {(r['method'], b): cells * r['time_s'] / wall for r in rows}
+    if not per_b: return f"no complete pilot sweeps in {pilot}"
+    sizes = sorted(per_b)
+    lines = [f"CPU seconds per epoch of the full sweep, one thread (CIFAR-10 at batch <= 2: {SMALL_BATCH_SAMPLES} images per epoch"
+             + ('; scaled up from pilots on fewer images' if scaled else '') + ')',
+             f"{'':22s}" + ''.join(f"{b:>8d}" for b in sizes),
+             f"{'all methods':22s}" + ''.join(f"{per_b[b][1]:8.0f}" for b in sizes),
+             'per method, approximately (split by wall-clock time):']
+    for m in [m for m in METHODS if any(k[0] == m for k in per_cell)]:
+        lines.append(f"  {m:20s}" + ''.join(f"{per_cell[m, b]:8.0f}" if (m, b) in per_cell else f"{'-':>8s}" for b in sizes))
+    total = sum((start + cells * epochs) * n_seeds for start, cells in per_b.values())
     lines.append(f"the full sweep of these batch sizes ({epochs} epochs, {n_seeds} seeds): {total / 3600:.1f} h of CPU, "
-                 f"about {total / 3600 / jobs:.1f} h on {jobs} idle cores")
+                 f"about {total / 3600 / jobs:.1f} h on {jobs} idle cores (process start-up: {per_b[sizes[0]][0]:.0f}s each)")
     return '\n'.join(lines)
 
 def main(argv=None):

@@ -234,8 +234,8 @@ def train(
 
 # %% ../nbs/05_cli.ipynb #14e12a0c
 PRESETS = {
-    'digits': dict(dataset='digits', model='digits_cnn', norms=['none', 'bn', 'bln-abs', 'bln-log', 'bln-inv'],
-                   batch_sizes=[1, 4, 16, 64], seeds=[0], epochs=5, threads=1),
+    'digits': dict(dataset='digits', model='digits_cnn', norms=['none', 'bn', 'gn', 'ln', 'online', 'bln-abs', 'bln-log', 'bln-inv'],
+                   batch_sizes=[1, 4, 16, 64], seeds=[0, 1, 2], epochs=5, threads=1),
     'paper-cifar10': dict(dataset='cifar10', model='paper_cnn', norms=['none', 'bn', 'bln-abs', 'bln-log', 'bln-inv'],
                           batch_sizes=[2**i for i in range(11)], seeds=[0], epochs=60, lr=1e-3, valid='split',
                           valid_pct=0.2, init_samples=1000, init_passes=1, init_dropout=False),
@@ -310,13 +310,13 @@ def sweep(
     return rows
 
 # %% ../nbs/05_cli.ipynb #9248fc0e
-DEMO = dict(preset='digits', norms=['none', 'bn', 'bln-log'], batch_sizes=[1, 8, 64], seeds=[0], epochs=10)
+DEMO = dict(preset='digits', norms=['none', 'bn', 'gn', 'bln-log'], batch_sizes=[1, 8, 64], seeds=[0, 1, 2], epochs=3)
 
 def demo(
     out:str|Path='runs/demo', # Directory for the results
     **kwargs, # Overrides of `DEMO` / `train` settings
 ) -> list[dict]:
-    "A short digits comparison of none / bn / bln-log at batch sizes 1, 8, 64; prints the tables, saves sweep.png"
+    "A short digits comparison of none / bn / gn / bln-log at batch sizes 1, 8, 64, 3 seeds; prints the tables, saves sweep.png"
     t0 = time.perf_counter()
     rows = sweep(out, **DEMO | kwargs)
     if rank() == 0:
@@ -330,7 +330,7 @@ def _plot(rows:list[dict], out:Path):
     if 'matplotlib.pyplot' not in sys.modules: matplotlib.use('Agg')  # no display needed; keeps a notebook's backend
     import matplotlib.pyplot as plt
     from batchless_nb.viz import plot_sweep
-    fig = plot_sweep(rows).ravel()[0].figure
+    fig = plot_sweep(rows, dodge=0.05).ravel()[0].figure
     fig.savefig(out/'sweep.png', dpi=120, bbox_inches='tight')
     plt.close(fig)
     print(f"figure: {out/'sweep.png'}")

@@ -4,18 +4,19 @@
 
 # %% ../nbs/04_runs.ipynb #eb5708d5
 from __future__ import annotations
-import csv, io, json, statistics
+import csv, io, json, math, statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 from .core import atomic_write, save_json
-from .registry import model_norm
+from .registry import NORMS, model_norm
 from .learner import Learner
 from .track import StatsLog, TrackStats
 
 # %% auto #0
-__all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run', 'as_run',
-           'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'results_table']
+__all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'SPREADS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run',
+           'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'method_order',
+           'seed_stats', 'ties_with_best', 'results_table', 'method_label', 'markdown_table']
 
 # %% ../nbs/04_runs.ipynb #1483bd38
 def summarize(history:dict) -> dict:
@@ -167,22 +168,108 @@ def load_sweep(
     return df
 
 # %% ../nbs/04_runs.ipynb #2f404331
+SPREADS = ('std', 'range')
+
+def _method(r:dict) -> str: return r.get('method') or r['norm']
+
+def method_order(
+    methods, # Names of sweep methods: norms, or NORM/VARIANT such as 'bln-log/natural0.01'
+) -> list[str]:
+    "The distinct `methods` in the registry's order of their norms (unregistered ones last), each norm's variants after it"
+    names = list(NORMS)
+    return sorted(set(methods), key=lambda m: (names.index(m.split('/')[0]) if m.split('/')[0] in names else len(names), '/' in m, m))
+
+def seed_stats(
+    rows:list[dict], # Result rows of a sweep
+    metric:str='best_val_acc', # A column of the rows
+    spread:str='std', # 'std': lo, hi = mean ∓ sample std over seeds; 'range': lo, hi = lowest, highest seed
+) -> dict[tuple, dict]: # {(method, batch size): {'mean', 'lo', 'hi', 'n'}}, in the rows' order
+    "Per cell (method x batch size): mean of `metric` over seeds and the interval of their spread"
+    if spread not in SPREADS: raise ValueError(f"spread must be one of {SPREADS} (got {spread!r})")
+    vals = {}
+    for r in rows:
+        if r.get(metric) is not None: vals.setdefault((_method(r), r['batch_size']), []).append(float(r[metric]))
+    out = {}
+    for k, v in vals.items():
+        mean = statistics.mean(v)
+        s = statistics.stdev(v) if len(v) > 1 else 0.
+        out[k] = dict(mean=mean, lo=mean - s, hi=mean + s, n=len(v)) if spread == 'std' else dict(mean=mean, lo=min(v), hi=max(v), n=len(v))
+    return out
+
+# %% ../nbs/04_runs.ipynb #a197ade5
+def ties_with_best(
+    rows:list[dict], # Result rows of a sweep
+    metric:str='best_val_acc', # A column of the rows
+    spread:str='std', # See `seed_stats`
+    higher_is_better:bool|None=None, # None: lower is better for a metric with 'loss' in its name, higher otherwise
+) -> dict[int, list[str]]: # {batch size: [the best method, then the others within its spread]}
+    "Per batch size, the best method by mean over seeds and every method whose spread overlaps the best's (NaN means left out)"
+    st = seed_stats(rows, metric, spread)
+    up = ('loss' not in metric) if higher_is_better is None else higher_is_better
+    out = {}
+    for b in sorted({b for _, b in st}):
+        cells = {m: s for (m, bb), s in st.items() if bb == b and math.isfinite(s['mean'])}  # a diverged run (NaN) ranks nowhere
+        if not cells: continue
+        best = (max if up else min)(cells, key=lambda m: cells[m]['mean'])
+        close = [m for m, s in cells.items() if m != best and (s['hi'] >= cells[best]['lo'] if up else s['lo'] <= cells[best]['hi'])]
+        out[b] = [best] + close
+    return out
+
+# %% ../nbs/04_runs.ipynb #9fab386b
+def _cell_text(s:dict|None, spread:str|None, star:bool) -> str:
+    if s is None: return '-'
+    txt = f"{s['mean']:.4f}"
+    if spread == 'std' and s['n'] > 1: txt += f" ± {s['hi'] - s['mean']:.4f}"
+    elif spread == 'range' and s['n'] > 1: txt += f" [{s['lo']:.4f}, {s['hi']:.4f}]"
+    return txt + ('*' if star else '')
+
 def results_table(
     rows:list[dict], # Result rows of a sweep
     metrics:tuple=('best_val_acc', 'best_val_loss'), # Columns of the rows to tabulate, one table each
+    spread:str|None='std', # With the mean: 'std' over seeds, their 'range', or None (the mean alone, no `*`)
 ) -> str:
-    "Method (norm, and BlN update rule) x batch-size tables of the mean of each of `metrics` over seeds"
-    method = lambda r: r.get('method', r['norm'])
-    norms = list(dict.fromkeys(method(r) for r in rows))
+    "Method (norm, and BlN update rule) x batch-size tables of each of `metrics`: mean and spread over seeds"
+    norms = method_order(_method(r) for r in rows)
     width = max([8] + [len(n) + 1 for n in norms])
     sizes = sorted({r['batch_size'] for r in rows})
     lines = []
     for m in metrics:
-        lines += ['', f"{m} (rows: norm, columns: batch size)", f"{'':{width}s}" + ''.join(f"{b:>9d}" for b in sizes)]
-        for n in norms:
-            cells = []
-            for b in sizes:
-                vals = [r[m] for r in rows if method(r) == n and r['batch_size'] == b and r[m] is not None]
-                cells.append(f"{statistics.mean(vals):9.4f}" if vals else f"{'-':>9s}")
-            lines.append(f"{n:{width}s}" + ''.join(cells))
+        st, ties = seed_stats(rows, m, spread or 'std'), (ties_with_best(rows, m, spread) if spread else {})
+        cells = {(n, b): _cell_text(st.get((n, b)), spread, n in ties.get(b, [])) for n in norms for b in sizes}
+        w = max([9] + [len(c) + 2 for c in cells.values()])
+        ns = sorted({s['n'] for s in st.values()})
+        seeds = f"{ns[0]}{'' if len(ns) == 1 else f'-{ns[-1]}'} seed{'s' * (ns[-1] > 1)}"
+        how = '' if not spread else f"; mean {'± std' if spread == 'std' else '[lowest, highest]'} over {seeds}"
+        star = '; *: best, or within the spread of the best' if spread else ''
+        lines += ['', f"{m} (rows: norm, columns: batch size{how}{star})", f"{'':{width}s}" + ''.join(f"{b:>{w}d}" for b in sizes)]
+        lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]
     return '\n'.join(lines[1:])
+
+# %% ../nbs/04_runs.ipynb #7a12a7a3
+def method_label(
+    method:str, # A sweep's method: a norm name, or NORM/VARIANT such as 'bln-log/natural0.01'
+) -> str:
+    "The label of a sweep's method in plots and tables, e.g. 'BlN-log, natural η=0.01'"
+    norm, _, variant = method.partition('/')
+    if variant.startswith('natural'): variant = f"natural η={variant[len('natural'):]}"
+    return (NORMS[norm].label if norm in NORMS else norm) + (f', {variant}' if variant else '')
+
+def markdown_table(
+    rows:list[dict], # Result rows of a sweep
+    metric:str='final_val_acc', # A column of the rows
+    spread:str='std', # See `seed_stats`
+    digits:int=3, # Decimals
+    labels:dict|None=None, # Row labels by method (default: `method_label`)
+) -> str:
+    "A Markdown table method x batch size of `metric`: mean ± std (or [lowest, highest]) over seeds, ties with the best in bold"
+    st, ties = seed_stats(rows, metric, spread), ties_with_best(rows, metric, spread)
+    methods, sizes = method_order(_method(r) for r in rows), sorted({r['batch_size'] for r in rows})
+    def cell(m, b):
+        s = st.get((m, b))
+        if s is None: return '-'
+        txt = f"{s['mean']:.{digits}f}" + ('' if s['n'] == 1 else f" ± {s['hi'] - s['mean']:.{digits}f}" if spread == 'std'
+                                           else f" [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]")
+        return f"**{txt}**" if m in ties.get(b, []) else txt
+    label = lambda m: (labels or {}).get(m, method_label(m))
+    lines = ['| batch size | ' + ' | '.join(map(str, sizes)) + ' |', '|---' * (len(sizes) + 1) + '|']
+    return '\n'.join(lines + [f"| {label(m)} | " + ' | '.join(cell(m, b) for b in sizes) + ' |' for m in methods])

@@ -12,7 +12,7 @@ import seaborn as sns
 from .core import moved_names
 from .registry import NORMS
 from .track import StatsLog
-from .runs import Run, as_run, load_sweep
+from .runs import Run, as_run, load_sweep, seed_stats, method_order, method_label
 
 # %% auto #0
 __all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses', 'plot_sweep']
@@ -299,33 +299,52 @@ def plot_losses(
         ax.set_xlabel('training step' if x == 'step' else 'epoch')
     return axs
 
-# %% ../nbs/04a_viz.ipynb #e41d2447
+# %% ../nbs/04a_viz.ipynb #8030241d
+_MARKERS = ['o', 's', '^', 'D', 'v', 'P', 'X', '<', '>', 'h']
+
+def _method_styles(methods:list[str]) -> dict[str, dict]:
+    "Colour, line style and marker per method: a marker each (colours can be close); a norm's variants share its colour, dashed"
+    colors = run_colors([m.split('/')[0] for m in methods])
+    return {m: dict(color=colors[m.split('/')[0]], linestyle='--' if '/' in m else '-', marker=_MARKERS[i % len(_MARKERS)])
+            for i, m in enumerate(methods)}
+
+_METRIC_NAMES = {'best_val_acc': ('accuracy', 'best validation accuracy'),
+                 'best_val_loss': ('loss', 'best validation loss (cross-entropy)'),
+                 'final_val_acc': ('final accuracy', 'validation accuracy after the last epoch'),
+                 'final_val_loss': ('final loss', 'validation loss after the last epoch (cross-entropy)')}
+
+# %% ../nbs/04a_viz.ipynb #b5e2fbc3
 def plot_sweep(
     results, # A sweep's rows, see `batchless_nb.runs.load_sweep`
     metrics:tuple=('best_val_acc', 'best_val_loss'), # One panel each
     axs=None, # len(metrics) axes; None: a new figure
+    spread:str='std', # Error bars: 'std' (± std over seeds) or 'range' (lowest to highest seed)
+    dodge:float=0.0, # Shift of each method's points along the batch-size axis, in octaves per method (e.g. 0.05)
 ) -> np.ndarray: # The axes, one per metric
-    "Best validation accuracy and loss against batch size, one line per normalization, bars over seeds"
-    df = load_sweep(results)
+    "Best validation accuracy and loss against batch size, one line per method, error bars over seeds"
+    df = load_sweep(results).copy()
+    df['method'] = df['method'].fillna(df['norm']) if 'method' in df else df['norm']
+    methods = method_order(df['method'])
+    styles, rows = _method_styles(methods), df.to_dict('records')
+    n_seeds = df.groupby(['method', 'batch_size'])['seed'].nunique().max()
     axs = _axes(axs, 1, len(metrics), (4.8, 3.6)).ravel()
-    norms = [n for n in NORMS if n in set(df['norm'])] + sorted(set(df['norm']) - set(NORMS))
-    n_seeds = df.groupby(['norm', 'batch_size'])['seed'].nunique().max()
     for ax, metric in zip(axs, metrics):
-        colors = run_colors(norms)
-        for n in norms:
-            g = df[df['norm'] == n].dropna(subset=[metric]).groupby('batch_size')[metric]
-            if not len(g): continue
-            mean, lo, hi = g.mean(), g.min(), g.max()
-            ax.errorbar(mean.index, mean.values, yerr=[mean - lo, hi - mean], color=colors[n], marker='o',
-                        markersize=5, capsize=3, linewidth=1.6, label=_label(n))
+        st = seed_stats(rows, metric, spread)
+        for i, m in enumerate(methods):
+            cells = sorted((b, s) for (mm, b), s in st.items() if mm == m)
+            if not cells: continue
+            xs = np.array([b for b, _ in cells], dtype=float) * 2 ** (dodge * (i - (len(methods) - 1) / 2))
+            mean, lo, hi = (np.array([s[k] for _, s in cells]) for k in ('mean', 'lo', 'hi'))
+            ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], markersize=5, capsize=3, linewidth=1.6, label=method_label(m), **styles[m])
         ax.set_xscale('log', base=2)
         if 'loss' in metric: _log_axis(ax)  # losses span orders of magnitude across batch sizes
         sizes = sorted(set(df['batch_size']))
         ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.set_xlabel('batch size (samples per step)')
-        ax.set_ylabel({'best_val_acc': 'best validation accuracy', 'best_val_loss': 'best validation loss (cross-entropy)'}.get(metric, metric))
-        ax.set_title({'best_val_acc': 'accuracy', 'best_val_loss': 'loss'}.get(metric, metric)
-                     + (f' (bars: min-max of {n_seeds} seeds)' if n_seeds > 1 else ''))
+        title, ylabel = _METRIC_NAMES.get(metric, (metric, metric))
+        ax.set_ylabel(ylabel)
+        bars = '± std' if spread == 'std' else 'min-max'
+        ax.set_title(title + (f' (bars: {bars} of {n_seeds} seeds)' if n_seeds > 1 else ''))
         ax.grid(alpha=0.3)
     axs[0].legend(title='normalization', fontsize='small')
     return axs

@@ -28,7 +28,7 @@ class _Interrupted(Exception): pass
 
 def test_sweep_resumes_inside_a_cell(tmp_path, monkeypatch):
     "Interrupt the second cell right after its step-30 checkpoint; the rerun finishes it from there, as if never cut"
-    grid = dict(model='digits_cnn', norms=['none', 'bln-log'], batch_sizes=[16], epochs=2, dropout=0.25,
+    grid = dict(model='digits_cnn', norms=['none', 'bln-log'], batch_sizes=[16], seeds=[0], epochs=2, dropout=0.25,
                 checkpoint_every=10, verbose=False)
     straight = cli.sweep(tmp_path/'straight', **grid)
 

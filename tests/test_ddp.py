@@ -46,7 +46,7 @@ def torchrun(nproc, out, *args):
     if sys.platform == 'linux': env['GLOO_SOCKET_IFNAME'] = 'lo'  # loopback only: no network needed
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr', '127.0.0.1',
            '--master_port', str(free_port()), '-m', 'batchless_nb.cli', 'sweep', '--model', 'mlp', '--norms', 'none',
-           'bln-log', '--stats-update', 'paper', 'natural', '--batch-sizes', '64', '--epochs', '1', '--dtype', 'float64', '--out', str(out), *args]
+           'bln-log', '--stats-update', 'paper', 'natural', '--batch-sizes', '64', '--seeds', '0', '--epochs', '1', '--dtype', 'float64', '--out', str(out), *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

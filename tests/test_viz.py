@@ -118,17 +118,19 @@ def test_plots_draw_one_point_per_channel(runs):
 
 
 def test_plot_sweep_reads_the_cli_results(tmp_path):
-    "The CSV columns the CLI writes; error bars span the seeds"
+    "The CSV columns the CLI writes; error bars span the seeds (range) or ± their std (default)"
     import csv
     rows = [dict(norm=n, batch_size=b, seed=s, best_val_loss=0.5 + s, best_val_acc=0.8 + 0.1 * s)
             for n in ('bn', 'bln-inv') for b in (2, 8) for s in (0, 1)]
     with open(tmp_path/'results.csv', 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
-    axs = plot_sweep(tmp_path)
+    axs = plot_sweep(tmp_path, spread='range')
     bars = axs[0].containers[0]
     np.testing.assert_allclose(bars.lines[0].get_ydata(), [0.85, 0.85])
     seg = bars.lines[2][0].get_segments()
     np.testing.assert_allclose([s[:, 1] for s in seg], [[0.8, 0.9], [0.8, 0.9]])
+    seg = plot_sweep(tmp_path)[0].containers[0].lines[2][0].get_segments()  # the default: ± the std over seeds
+    np.testing.assert_allclose([s[:, 1] for s in seg], [[0.85 - 0.05 * 2 ** 0.5, 0.85 + 0.05 * 2 ** 0.5]] * 2)
     plt.close('all')
 
 

@@ -1,9 +1,9 @@
-"""Issue 6: copy the small result files of finished sweeps into the repo (nbs/results/issue6/<sweep name>/...):
+"""Copy the small result files of finished sweeps into the repo (default nbs/results/closing_the_gap/<sweep name>/...):
 results.json/.csv, and per cell config.json, lag.json and metrics.json with its history cut to the per-epoch records
 (the per-step records make it 10-50x larger); with --stats also stats.npz, its per-channel value samples (kept for
 histograms) cut to the first 16, about 10x smaller. Weights and checkpoints stay behind.
 
-    .venv/bin/python tests/benchmarks/issue6_collect.py /tmp/issue6/cifar-long-bln [more sweep dirs] [--stats] [--to DIR]
+    .venv/bin/python tests/benchmarks/collect_runs.py /tmp/gap/cifar-long-bln [more sweep dirs] [--stats] [--to DIR]
 """
 import argparse, json, shutil
 from pathlib import Path
@@ -33,7 +33,7 @@ def collect(sweep:Path, to:Path, stats:bool=False, k:int=16):
 if __name__ == '__main__':
     p = argparse.ArgumentParser()
     p.add_argument('sweeps', nargs='+', type=Path)
-    p.add_argument('--to', type=Path, default=Path('nbs/results/issue6'))
+    p.add_argument('--to', type=Path, default=Path('nbs/results/closing_the_gap'))
     p.add_argument('--stats', action='store_true', help='also the tracked statistics (stats.npz), trimmed')
     p.add_argument('--samples', type=int, default=16, help='sampled values kept per channel with --stats')
     a = p.parse_args()

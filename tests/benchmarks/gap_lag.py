@@ -1,11 +1,11 @@
-"""Issue 6: how far each trained BlN model's learned statistics are from the true ones, per layer.
+"""Closing the gap (nbs/92_closing_the_gap.ipynb): how far each trained BlN model's learned statistics are from the true ones, per layer.
 
 For every run directory under the given sweep directories (config.json + model.pt, as `batchless-nb train` writes),
 measure on the run's validation data (the test split with --valid test) the true per-channel mean m and std s of each
 BlN layer's input, in eval mode (what inference sees) and in train mode (dropout on, what the NLL saw), and write
 `lag.json` beside metrics.json: per layer the median over channels of |mu - m| / s and |log(sigma / s)|.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/issue6_lag.py /tmp/issue6/cifar-bln [more sweep dirs]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/gap_lag.py /tmp/gap/cifar-bln [more sweep dirs]
 """
 import json, sys
 from pathlib import Path

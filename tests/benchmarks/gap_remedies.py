@@ -1,8 +1,8 @@
-"""Issue 6, remedies and diagnostics (at batch 64 unless told) on the CIFAR-10 subset (paper CNN, 3 epochs, test split), beyond
+"""Closing the gap (nbs/92_closing_the_gap.ipynb): remedies and diagnostics (at batch 64 unless told) on the CIFAR-10 subset (paper CNN, 3 epochs, test split), beyond
 what `batchless-nb sweep` can vary. Each run writes config.json + metrics.json (as `batchless-nb train`) and model.pt
 to OUT/cells/NAME-bsB-seedS; finished runs are skipped.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/issue6_remedies.py OUT CIFAR_ARCHIVE [--seeds 0 1] [--batch-sizes 64] [NAME ...]
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/gap_remedies.py OUT CIFAR_ARCHIVE [--seeds 0 1] [--batch-sizes 64] [NAME ...]
 
 Remedies for the paper's recipe (Adam trains the statistics): the width-invariant NLL, no data-driven init, a separate
 stats learning rate. On top of the natural update (eta 0.01):

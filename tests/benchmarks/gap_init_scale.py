@@ -1,9 +1,9 @@
-"""Issue 6: how each network starts. Paper CNN on the CIFAR-10 subset, seed 0, before any step: cross-entropy and logit
+"""Closing the gap (nbs/92_closing_the_gap.ipynb): how each network starts. Paper CNN on the CIFAR-10 subset, seed 0, before any step: cross-entropy and logit
 std on 256 training images in train mode (dropout on, what the first steps see) and eval mode, for no normalization,
 batch norm and BlN with the data-driven init as the paper measures it (eval mode, `dropout=False`), with dropout on
 (`dropout=True`, now the default), with `preserve_function=True`, and without init. Writes a JSON list of rows to OUT.
 
-    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/issue6_init_scale.py CIFAR_ARCHIVE OUT.json
+    OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/gap_init_scale.py CIFAR_ARCHIVE OUT.json
 """
 import json, sys, warnings
 import torch, torch.nn.functional as F

@@ -6,29 +6,31 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import model_dtype
+from .core import model_dtype, world_size
 from .norm import batchless_modules, batchless_loss, stat_parameters
 from .init import init_batchless
-from .natural import NaturalGradientSGD
+from .natural import NaturalGradientSGD, SampleEMA
 from .learner import Learner, Callback
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['STATS_UPDATES', 'BatchlessTraining', 'batchless_learner', 'bln_callback', 'InitBatchless']
+__all__ = ['STATS_UPDATES', 'STATS_ETAS', 'BatchlessTraining', 'batchless_learner', 'bln_callback', 'InitBatchless']
 
 # %% ../nbs/03c_callbacks.ipynb #c8da56b1
-STATS_UPDATES = ('paper', 'natural')
+STATS_UPDATES = ('paper', 'natural', 'samples')
+STATS_ETAS = {'natural': 0.1, 'samples': 0.01}  # the default eta of each rule: per step for 'natural', per sample for 'samples'
 
 class BatchlessTraining(Callback):
     "Add the BlN layers' NLL terms to the loss and update their statistics by `stats_update`"
     order = -25  # before the Recorder reads the loss terms
     def __init__(self,
-        stats_update:str='paper', # 'paper': by the learner's optimizer, as the paper; 'natural': by `NaturalGradientSGD`
+        stats_update:str='paper', # 'paper': by the learner's optimizer; 'natural': `NaturalGradientSGD`; 'samples': `SampleEMA`
         stats_lr:float|None=None, # With 'paper': the statistics' learning rate (None: the optimizer's)
-        stats_eta:float=0.1, # With 'natural': the weight of each batch in the statistics' moving average
+        stats_eta:float|None=None, # The moving average's weight of each batch ('natural') or sample ('samples'); None: `STATS_ETAS`
     ):
         if stats_update not in STATS_UPDATES:
             raise ValueError(f"stats_update must be one of {STATS_UPDATES} (got {stats_update!r})")
+        if stats_eta is None: stats_eta = STATS_ETAS.get(stats_update)
         self.stats_update, self.stats_lr, self.stats_eta, self.opt = stats_update, stats_lr, stats_eta, None
 
 # %% ../nbs/03c_callbacks.ipynb #dbd769e3
@@ -39,7 +41,7 @@ def before_create_opt(self:BatchlessTraining, learn):
     for g in learn.param_groups: g['params'] = [p for p in g['params'] if id(p) not in ids]
     if self.stats_update == 'paper':
         learn.param_groups.append({'params': stats, 'weight_decay': 0.0} | ({} if self.stats_lr is None else {'lr': self.stats_lr}))
-    elif stats: self.opt = NaturalGradientSGD(learn.model, self.stats_eta)
+    elif stats: self.opt = (SampleEMA if self.stats_update == 'samples' else NaturalGradientSGD)(learn.model, self.stats_eta)
 
 # %% ../nbs/03c_callbacks.ipynb #70246ba0
 @patch
@@ -53,8 +55,9 @@ def after_loss(self:BatchlessTraining, learn):
 @patch
 def before_step(self:BatchlessTraining, learn):
     if self.opt is None: return
-    if learn.scaler is not None: learn.scaler.step(self.opt)
-    else: self.opt.step()
+    kw = {'n_samples': len(learn.batch[0]) * world_size()} if isinstance(self.opt, SampleEMA) else {}  # the global batch
+    if learn.scaler is not None: learn.scaler.step(self.opt, **kw)
+    else: self.opt.step(**kw)
 
 @patch
 def after_step(self:BatchlessTraining, learn):
@@ -84,7 +87,7 @@ def batchless_learner(
     dls, # (train, valid) DataLoaders
     stats_update:str='paper', # How the statistics learn, see `BatchlessTraining`
     stats_lr:float|None=None, # With 'paper': the statistics' learning rate (None: `lr`)
-    stats_eta:float=0.1, # With 'natural': the weight of each batch in the statistics' moving average
+    stats_eta:float|None=None, # With 'natural' / 'samples': the weight of each batch / sample in the moving average (None: `STATS_ETAS`)
     cbs:list|None=None, # More callbacks, e.g. `InitBatchless()`, `TrackStats()`
     **kwargs, # Passed to `Learner`: loss_func, opt_func, lr, wd, micro_batch_size, device, amp, ...
 ) -> Learner:

@@ -311,7 +311,7 @@ def _grads_finite(params) -> bool:
 def _backward_parts(self:Learner) -> Tensor:
     "Forward and backward each micro-batch of `batch`; the number of non-finite losses"
     (xs, ys), idx, bad = self.batch, self.idx, torch.zeros((), device=self.device)
-    n = int(all_sum(torch.tensor(len(xs), device=self.device))) if is_distributed() else len(xs)  # the global batch
+    n = self.global_batch = int(all_sum(torch.tensor(len(xs), device=self.device))) if is_distributed() else len(xs)  # samples in the step
     mbs = self.micro_batch_size or len(xs)
     parts = list(zip(xs.split(mbs), ys.split(mbs), [None] * len(xs) if idx is None else idx.split(mbs))) if len(xs) else []
     for i, (x, y, ib) in enumerate(parts):

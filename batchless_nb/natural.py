@@ -4,13 +4,14 @@
 
 # %% ../nbs/01c_natural.ipynb #a64098e2
 from __future__ import annotations
+import math
 import torch
 import torch.nn as nn
 from torch import Tensor
 from .norm import BatchlessNorm, batchless_modules, std_from_param
 
 # %% auto #0
-__all__ = ['NaturalGradientSGD']
+__all__ = ['NaturalGradientSGD', 'sample_eta', 'SampleEMA']
 
 # %% ../nbs/01c_natural.ipynb #0755c8af
 def _inverse_fisher(p:Tensor, std_param:str, eps:float) -> tuple[Tensor, Tensor]:
@@ -26,7 +27,7 @@ class NaturalGradientSGD(torch.optim.Optimizer):
         model:nn.Module, # Its BatchlessNorm layers' statistics are optimized
         lr:float=0.1, # eta: the weight of the current batch in the moving average
     ):
-        if not 0 < lr <= 1: raise ValueError(f"lr must be in (0, 1] (got {lr}): it is the weight of a batch in a moving average")
+        if not 0 < lr <= 1: raise ValueError(f"lr must be in (0, 1] (got {lr}): it is a weight in a moving average")
         groups = [{'params': [m.mean, m.std_parameter], 'std_param': m.std_param, 'eps': m.eps,
                    'nll_scale': m.num_features if m.nll_reduction == 'mean' else 1}
                   for m in batchless_modules(model).values()]
@@ -46,4 +47,49 @@ class NaturalGradientSGD(torch.optim.Optimizer):
             delta = -step * f_p * p.grad
             if g['std_param'] == 'log': p.add_(delta)
             else: p.mul_(torch.exp(delta / p.where(p != 0, 1.0)))  # multiplicative: sigma or 1/sigma never crosses 0
+        return loss
+
+# %% ../nbs/01c_natural.ipynb #212c6332
+def sample_eta(
+    eta:float, # The weight of one sample in the moving average, in (0, 1]
+    n:int, # Samples in the batch
+) -> float:
+    "The weight of a batch of `n` samples in a moving average that gives each sample the weight `eta`: 1 - (1 - eta)^n"
+    if not 0 < eta <= 1: raise ValueError(f"eta must be in (0, 1] (got {eta}): it is the weight of a sample in a moving average")
+    if n < 1: raise ValueError(f"n must be a positive number of samples (got {n})")
+    return 1.0 if eta == 1 else -math.expm1(n * math.log1p(-eta))
+
+# %% ../nbs/01c_natural.ipynb #75d4faf6
+def _batch_moments(mean:Tensor, p:Tensor, std_param:str, eps:float, scale:float) -> tuple[Tensor, Tensor]:
+    "Per channel, from the NLL's gradient: d = (mean(x) - mu)/sigma and mean(z^2), z = (x - mu)/sigma"
+    _, inv_std = std_from_param(p, std_param, eps)
+    d = -scale * mean.grad / inv_std  # dNLL/dmu = (mu - mean(x)) / sigma^2 / scale
+    g = scale * p.grad  # dNLL/dp: log sigma'(p) + mean((x - mu)^2) * (1/sigma) * (1/sigma)'(p), times 1/scale
+    if std_param == 'log': z2 = 1 - g
+    elif std_param == 'abs': z2 = 1 - g * (p.abs() + eps) * p.sign()
+    else: z2 = g * p + p.abs() / (p.abs() + eps)  # 'inv'
+    return d, z2
+
+# %% ../nbs/01c_natural.ipynb #085ff394
+class SampleEMA(NaturalGradientSGD):
+    "The statistics of every BatchlessNorm layer as moving averages over samples: each sample weighs `lr`, at any batch size"
+    @torch.no_grad()
+    def step(self,
+        closure=None, # Recomputes the loss (as torch optimizers take it)
+        n_samples:int|None=None, # Samples in the batch whose NLL gradient has been accumulated
+    ):
+        "Mix each layer's Gaussian with the batch's moments, read off the NLL gradient, at the batch's weight `sample_eta(lr, n_samples)`"
+        if n_samples is None: raise ValueError("SampleEMA.step needs n_samples=: the number of samples in the batch the gradient is of")
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        for g in self.param_groups:
+            mean, p = g['params']
+            if mean.grad is None or p.grad is None: continue
+            eta = sample_eta(g['lr'], n_samples)
+            d, z2 = _batch_moments(mean, p, g['std_param'], g['eps'], g['nll_scale'])
+            _, inv_std = std_from_param(p, g['std_param'], g['eps'])
+            mean.add_(eta * d / inv_std)
+            ratio = (1 - eta + eta * z2 - (eta * d).square()).clamp_min((g['eps'] * inv_std).square()).sqrt()  # sigma'/sigma >= eps/sigma
+            if g['std_param'] == 'log': p.add_(ratio.log())
+            elif g['std_param'] == 'abs': p.mul_(ratio)
+            else: p.div_(ratio)
         return loss

@@ -128,3 +128,20 @@ def test_torchrun_reproduces_one_process_float32(tmp_path):
     one, _ = train_cli(1, tmp_path/'one', *ARGS)
     two, _ = train_cli(2, tmp_path/'two', *ARGS)
     assert max_rel_diff(one, two) <= 2e-6
+
+
+def test_sample_ema_two_processes_equal_one(tmp_path):
+    "stats_update='samples' weighs each step by the global batch (local batch x processes): 2 processes end as 1"
+    env = os.environ | {'OMP_NUM_THREADS': '1'}
+    if sys.platform == 'linux': env['GLOO_SOCKET_IFNAME'] = 'lo'
+    def train(nproc, out, *args):
+        cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', '--master_addr', '127.0.0.1',
+               '--master_port', str(free_port()), '-m', 'batchless_nb.cli', 'train', '--model', 'mlp', '--norm', 'bln-log',
+               '--stats-update', 'samples', '--stats-eta', '0.01', '--batch-size', '64', '--epochs', '1', '--dtype', 'float64',
+               '--no-progress', '--out', str(out), *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return torch.load(out/'model.pt', weights_only=True)
+    one, two = train(1, tmp_path/'one'), train(2, tmp_path/'two', '--micro-batch-size', '8')
+    for k in one: assert (one[k] - two[k]).abs().max() <= 1e-9 * one[k].abs().max().clamp_min(1e-30), k
+    assert (one['norm1.mean'] != 0).all()  # the statistics did move

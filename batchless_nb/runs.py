@@ -18,9 +18,9 @@ __all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'SPREADS', 'summarize', 'write_run'
            'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'method_order',
            'seed_stats', 'ties_with_best', 'results_table', 'method_label', 'markdown_table']
 
-# %% ../nbs/04_runs.ipynb #1483bd38
+# %% ../nbs/04_runs.ipynb #e9f81e22
 def summarize(history:dict) -> dict:
-    "Best and final validation loss and accuracy, time and memory of a learner's `history`"
+    "Best and final validation loss and accuracy, time and memory (and the privacy spent, under DP-SGD) of a learner's `history`"
     eps = history['epochs']
     if not eps: return {'epochs': 0}
     best = lambda key, pick: pick(eps, key=lambda r: r[key]) if eps[0][key] is not None else None
@@ -32,7 +32,7 @@ def summarize(history:dict) -> dict:
             'final_val_loss': last['valid_loss'], 'final_val_acc': last['valid_acc'],
             'final_train_loss': last['train_loss'], 'final_train_nll': last.get('train_nll'),
             'time_s': sum(r['time'] for r in eps), 'peak_mem_mb': max(r['peak_mem_mb'] for r in eps),
-            'mem_kind': history.get('mem_kind')}
+            'mem_kind': history.get('mem_kind'), **({'final_epsilon': last['epsilon']} if 'epsilon' in last else {})}  # DP-SGD
 
 # %% ../nbs/04_runs.ipynb #7cc81044
 def write_run(

@@ -245,13 +245,14 @@ def results_table(
         lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]
     return '\n'.join(lines[1:])
 
-# %% ../nbs/04_runs.ipynb #7a12a7a3
+# %% ../nbs/04_runs.ipynb #2734bf21
 def method_label(
     method:str, # A sweep's method: a norm name, or NORM/VARIANT such as 'bln-log/natural0.01'
 ) -> str:
     "The label of a sweep's method in plots and tables, e.g. 'BlN-log, natural η=0.01'"
     norm, _, variant = method.partition('/')
-    if variant.startswith('natural'): variant = f"natural η={variant[len('natural'):]}"
+    for rule, label in (('natural', 'natural η='), ('samples', 'per-sample η=')):
+        if variant.startswith(rule): variant = label + variant[len(rule):]
     return (NORMS[norm].label if norm in NORMS else norm) + (f', {variant}' if variant else '')
 
 def markdown_table(

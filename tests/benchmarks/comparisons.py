@@ -17,6 +17,9 @@ validation pass measured apart) and the estimated time of the full sweep.
     .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz
     .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz --pilot --batch-sizes 1 8 256
     .venv/bin/python tests/benchmarks/comparisons.py digits cifar10 --collect    # only collect what has finished
+    # the short CIFAR-10 protocol (first 2,000 images at every batch size, 3 epochs, 2 seeds, BlN's three updates):
+    .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz --train-samples 2000 \
+        --epochs 3 --seeds 0 1 --batch-sizes 1 2 8 --stats-updates paper natural samples
 """
 from __future__ import annotations
 import argparse, functools, json, os, subprocess, sys, time
@@ -28,21 +31,24 @@ from collect_runs import per_epoch  # noqa: E402
 from batchless_nb.runs import read_sweep, write_sweep, cell_key  # noqa: E402
 
 NORMS = ['none', 'bn', 'gn', 'ln', 'online', 'bln-log']
-METHODS = NORMS + ['bln-log/natural0.01']  # the sweep's methods, in table order
-BLN = ['--stats-update', 'paper', 'natural', '--stats-eta', '0.01']  # BlN-log cells: the paper's update and the natural one
+METHODS = NORMS + ['bln-log/natural0.01', 'bln-log/samples0.01']  # the sweeps' methods, in table order
+UPDATES = ['paper', 'natural']  # BlN-log cells: the paper's update and the natural one (eta 0.01), unless --stats-updates
 SMALL_BATCH_SAMPLES = 2000  # CIFAR-10 at batch <= 2: training images per epoch
 DATASETS = {
     'digits': ['--dataset', 'digits'],
     'cifar10': ['--dataset', 'cifar10', '--model', 'paper_cnn', '--init-passes', '1'],
 }
 
-def sweep_args(dataset:str, batch_size:int, seed:int, epochs:int, data_path:str|None, pilot:bool=False) -> list[str]:
+def sweep_args(dataset:str, batch_size:int, seed:int, epochs:int, data_path:str|None, pilot:bool=False,
+               train_samples:int|None=None, updates:list[str]=UPDATES) -> list[str]:
     "The `batchless-nb sweep` arguments of one (dataset, batch size, seed), without --out; a CIFAR pilot trains on 2,000 images"
-    args = DATASETS[dataset] + ['--valid', 'test', '--norms', *NORMS, *BLN, '--batch-sizes', str(batch_size),
+    bln = ['--stats-update', *updates] + (['--stats-eta', '0.01'] if set(updates) - {'paper'} else [])
+    args = DATASETS[dataset] + ['--valid', 'test', '--norms', *NORMS, *bln, '--batch-sizes', str(batch_size),
                                 '--seeds', str(seed), '--epochs', str(epochs), '--threads', '1', '--no-track-stats']
     if dataset == 'cifar10':
         if not data_path: raise SystemExit("cifar10 needs --data-path (the CIFAR-10 archive cifar-10-python.tar.gz or its directory)")
         args += ['--data-path', data_path] + (['--train-samples', str(SMALL_BATCH_SAMPLES)] if batch_size <= 2 or pilot else [])
+    if train_samples: args = [a for a in args if a != '--train-samples' and a != str(SMALL_BATCH_SAMPLES)] + ['--train-samples', str(train_samples)]
     return args
 
 def run_sweep(args:list[str], out:Path, nice:int) -> tuple[Path, int, float, float]:
@@ -153,6 +159,8 @@ def main(argv=None):
     p.add_argument('--batch-sizes', nargs='+', type=int, default=[1, 2, 8, 64, 256])
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--epochs', type=int, default=10)
+    p.add_argument('--stats-updates', nargs='+', default=UPDATES, help="BlN's statistics updates (natural, samples: eta 0.01)")
+    p.add_argument('--train-samples', type=int, help='train on the first N images at every batch size; runs and results go to DATASET-N')
     p.add_argument('--jobs', type=int, default=2, help='sweeps at once (at most 2 on a shared 2-core machine)')
     p.add_argument('--nice', type=int, default=15)
     p.add_argument('--pilot', action='store_true', help='one seed, one epoch, into RUNS/pilot; print times and the estimate')
@@ -162,21 +170,24 @@ def main(argv=None):
     seeds, epochs = ([a.seeds[0]], 1) if a.pilot else (a.seeds, a.epochs)
     root = a.runs/'pilot' if a.pilot else a.runs
     jobs = [(d, b, s) for d in a.datasets for s in seeds for b in a.batch_sizes]  # seed by seed: early stops leave whole tables
+    name = lambda d: d if a.train_samples is None else f'{d}-{a.train_samples}'  # where a dataset's runs and results go
     if a.dry_run:
-        for d, b, s in jobs: print('batchless-nb sweep', *sweep_args(d, b, s, epochs, a.data_path, a.pilot), '--out', root/d/f'bs{b}-seed{s}')
+        for d, b, s in jobs: print('batchless-nb sweep', *sweep_args(d, b, s, epochs, a.data_path, a.pilot, a.train_samples, a.stats_updates),
+                                   '--out', root/name(d)/f'bs{b}-seed{s}')
         return
     if not a.collect:
         def one(job):
             d, b, s = job
-            out, rc, secs, cpu = run_sweep(sweep_args(d, b, s, epochs, a.data_path, a.pilot), root/d/f'bs{b}-seed{s}', a.nice)
+            out, rc, secs, cpu = run_sweep(sweep_args(d, b, s, epochs, a.data_path, a.pilot, a.train_samples, a.stats_updates),
+                                           root/name(d)/f'bs{b}-seed{s}', a.nice)
             print(f"{'done' if rc == 0 else f'FAILED (exit {rc}, see {out}.log)'}: {d} batch {b} seed {s} in {secs:.0f}s "
                   f"({cpu:.0f}s of CPU)", flush=True)
-            if rc == 0 and not a.pilot: collect(root/d, a.to/d)
+            if rc == 0 and not a.pilot: collect(root/name(d), a.to/name(d))
             return rc
         with ThreadPoolExecutor(a.jobs) as pool: failed = sum(rc != 0 for rc in pool.map(one, jobs))
         if failed: print(f"{failed} sweeps failed; run the same command again to resume them")
     for d in a.datasets:
         if a.pilot: print(f"\n{d}:\n" + estimate(root/d, a.epochs, len(a.seeds), a.jobs, a.data_path))
-        else: print(f"{d}: {collect(root/d, a.to/d)} cells collected into {a.to/d}")
+        else: print(f"{name(d)}: {collect(root/name(d), a.to/name(d))} cells collected into {a.to/name(d)}")
 
 if __name__ == '__main__': main()

@@ -413,7 +413,7 @@ def _add_stats_args(p, d, sweep:bool):
                    help="measure the data-driven init with dropout on, as training sees the activations (default); "
                         "--no-init-dropout: without, as the paper")
 
-# %% ../nbs/05_cli.ipynb #e9045367
+# %% ../nbs/05_cli.ipynb #149e5dde
 def _add_run_args(p, d):
     "How a run executes and what it writes"
     g = p.add_argument_group('execution and outputs')
@@ -440,6 +440,7 @@ def _add_private_args(p, d):
     g.add_argument('--dp-max-grad-norm', type=positive_rate, default=d(1.0), help="clip each sample's gradient to this L2 norm")
     g.add_argument('--dp-delta', type=open_fraction, default=d(1e-5), help='the guarantee\'s delta; epsilon is reported per epoch at it')
 
+# %% ../nbs/05_cli.ipynb #6348eb9d
 def _add_train_args(p:argparse.ArgumentParser, sweep:bool=False):
     "Options shared by `train` and `sweep` (for a sweep, None means: the preset's value)"
     d = (lambda v: None) if sweep else (lambda v: v)

@@ -60,9 +60,9 @@ def swap_norms(model, mod):
     return model
 
 
-def make_step(norm, batch, device, foreach=None, compile=False, dropout=0.25, baseline=None):
+def make_step(norm, batch, device, foreach=None, compile=False, dropout=0.25, baseline=None, dropout_mode='per_sample'):
     set_seed(0)
-    model = paper_cnn(norm, dropout=dropout)
+    model = paper_cnn(norm, dropout=dropout, dropout_mode=dropout_mode)
     loss_fn = batchless_loss
     if baseline is not None: model, loss_fn = swap_norms(model, baseline), baseline.batchless_loss
     model = model.to(device)
@@ -97,10 +97,10 @@ def time_steps(steps, repeats, device, clock='wall'):
 def run(a, device):
     base = load_baseline(a.baseline) if a.baseline else None
     print(f"\n== device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, Adam foreach={a.foreach}, "
-          f"dropout {a.dropout}, compile={a.compile}, {a.repeats} interleaved rounds, {a.clock} clock")
+          f"dropout {a.dropout} ({a.dropout_mode}), compile={a.compile}, {a.repeats} interleaved rounds, {a.clock} clock")
     for batch in a.batch:
         norms = [n for n in a.norms if not (n == 'bn' and batch < 2)]
-        mk = lambda n, **kw: make_step(n, batch, device, a.foreach, a.compile, a.dropout, **kw)
+        mk = lambda n, **kw: make_step(n, batch, device, a.foreach, a.compile, a.dropout, dropout_mode=a.dropout_mode, **kw)
         steps = {n: mk(n) for n in norms}
         if base is not None: steps['bln-log@baseline'] = mk('bln-log', baseline=base)
         med = time_steps(steps, a.repeats, device, a.clock)
@@ -121,6 +121,8 @@ def main():
     p.add_argument('--norms', nargs='+', default=['none', 'gn', 'bn', 'bln-log'])
     p.add_argument('--repeats', type=int, default=50, help='interleaved rounds (one step of each variant per round)')
     p.add_argument('--dropout', type=float, default=0.25, help="the paper's dropout after every norm")
+    p.add_argument('--dropout-mode', choices=['per_sample', 'torch'], default='per_sample',
+                   help="the models' per-sample dropout (a graph break per layer under --compile) or nn.Dropout")
     p.add_argument('--foreach', action='store_true', help="Adam(foreach=True) (CUDA's default; CPU's is per tensor)")
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads')

@@ -15,7 +15,8 @@ from .track import StatsLog
 from .runs import Run, as_run, load_sweep, seed_stats, method_order, method_label
 
 # %% auto #0
-__all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses', 'plot_sweep']
+__all__ = ['run_colors', 'as_runs', 'plot_stats', 'norm_errors', 'plot_norm_error', 'plot_channel', 'plot_losses',
+           'method_styles', 'plot_sweep']
 
 # %% ../nbs/04a_viz.ipynb #f317a6ff
 _OWN = {'bln': ('learned', 'μ', 'σ'), 'bn': ('running', 'running mean', '√(running var + ε)'),
@@ -299,21 +300,26 @@ def plot_losses(
         ax.set_xlabel('training step' if x == 'step' else 'epoch')
     return axs
 
-# %% ../nbs/04a_viz.ipynb #8030241d
+# %% ../nbs/04a_viz.ipynb #4d881094
 _MARKERS = ['o', 's', '^', 'D', 'v', 'P', 'X', '<', '>', 'h']
 
-def _method_styles(methods:list[str]) -> dict[str, dict]:
-    "Colour, line style and marker per method: a marker each (colours can be close); a norm's variants share its colour, dashed"
+def method_styles(
+    methods:list[str], # A sweep's methods: norm names, or NORM/VARIANT such as 'bln-log/natural0.01'
+) -> dict[str, dict]: # matplotlib keywords per method
+    "Colour, line style and marker per method: a marker each (colours can be close); a norm's variants share its colour, each with its own dashes"
     colors = run_colors([m.split('/')[0] for m in methods])
-    return {m: dict(color=colors[m.split('/')[0]], linestyle='--' if '/' in m else '-', marker=_MARKERS[i % len(_MARKERS)])
-            for i, m in enumerate(methods)}
+    variants = lambda m: [v for v in methods if '/' in v and v.split('/')[0] == m.split('/')[0]]
+    dashes = lambda m: _STYLES[1 + variants(m).index(m) % 3] if '/' in m else '-'
+    return {m: dict(color=colors[m.split('/')[0]], linestyle=dashes(m), marker=_MARKERS[i % len(_MARKERS)]) for i, m in enumerate(methods)}
 
 _METRIC_NAMES = {'best_val_acc': ('accuracy', 'best validation accuracy'),
                  'best_val_loss': ('loss', 'best validation loss (cross-entropy)'),
                  'final_val_acc': ('final accuracy', 'validation accuracy after the last epoch'),
                  'final_val_loss': ('final loss', 'validation loss after the last epoch (cross-entropy)')}
 
-# %% ../nbs/04a_viz.ipynb #b5e2fbc3
+
+
+# %% ../nbs/04a_viz.ipynb #febd89c7
 def plot_sweep(
     results, # A sweep's rows, see `batchless_nb.runs.load_sweep`
     metrics:tuple=('best_val_acc', 'best_val_loss'), # One panel each
@@ -325,7 +331,7 @@ def plot_sweep(
     df = load_sweep(results).copy()
     df['method'] = df['method'].fillna(df['norm']) if 'method' in df else df['norm']
     methods = method_order(df['method'])
-    styles, rows = _method_styles(methods), df.to_dict('records')
+    styles, rows = method_styles(methods), df.to_dict('records')
     n_seeds = df.groupby(['method', 'batch_size'])['seed'].nunique().max()
     axs = _axes(axs, 1, len(metrics), (4.8, 3.6)).ravel()
     for ax, metric in zip(axs, metrics):

@@ -12,7 +12,7 @@ method, plus, for the diagnostics, a callback `train` cannot add. Each run write
 Methods (`METHODS`): the norms `none bn gn ln`; BlN-log with `paper` (Adam trains the statistics, the paper),
 `natural<eta>` (the natural-gradient step with weight eta per step), `samples<eta>` (`SampleEMA`: weight eta per
 sample, so eta_b = 1 - (1 - eta)^b per step); the diagnostics `frozen` (statistics fixed after the data-driven
-init: Adam with stats_lr=0) and `oracle<k>` (frozen, and every k steps set to the true train-mode moments of 256
+init: `FreezeStats`, no gradient reaches them) and `oracle<k>` (frozen, and every k steps set to the true train-mode moments of 256
 training images, one forward: no estimation noise, a lag of at most k steps); any method with the suffix
 `-no_init` (no data-driven init) or `-dropout0` (no dropout anywhere).
 
@@ -51,6 +51,11 @@ class OracleStats(Callback):
             for h in hs: h.remove()
         for n, m in layers.items(): m.set_stats(moments[n][0], moments[n][1].clamp_min(m.eps))
 
+class FreezeStats(Callback):
+    "Keep every BlN layer's statistics where the data-driven init (or an `OracleStats`) puts them: no gradient reaches them"
+    def before_fit(self, learn):
+        for m in batchless_modules(learn.model).values(): m.mean.requires_grad_(False); m.std_parameter.requires_grad_(False)
+
 BLN = dict(norm='bln-log')
 
 def method_settings(name:str) -> tuple[dict, int|None]:
@@ -58,9 +63,9 @@ def method_settings(name:str) -> tuple[dict, int|None]:
     base, *mods = name.split('-')
     if base in ('none', 'bn', 'gn', 'ln'): kw, oracle = dict(norm=base), None
     elif base == 'paper': kw, oracle = BLN | dict(stats_update='paper'), None
-    elif base == 'frozen': kw, oracle = BLN | dict(stats_update='paper', stats_lr=0.0), None
+    elif base == 'frozen': kw, oracle = BLN | dict(stats_update='paper', freeze=True), None
     elif m := re.fullmatch(r'(natural|samples)([0-9.e-]+)', base): kw, oracle = BLN | dict(stats_update=m[1], stats_eta=float(m[2])), None
-    elif m := re.fullmatch(r'oracle(\d+)', base): kw, oracle = BLN | dict(stats_update='paper', stats_lr=0.0), int(m[1])
+    elif m := re.fullmatch(r'oracle(\d+)', base): kw, oracle = BLN | dict(stats_update='paper', freeze=True), int(m[1])
     else: raise ValueError(f"unknown method {name!r}; see the module's docstring")
     for mod in mods:
         if mod == 'no_init': kw['init'] = False
@@ -81,11 +86,11 @@ def run(out:Path, method:str, dataset:str, batch_size:int, seed:int, data_path:s
     if kw['norm'] == 'bn' and batch_size == 1: return  # batch norm cannot train on one sample
     settings = protocol(dataset, batch_size, data_path) | kw | dict(batch_size=batch_size, seed=seed, out=d, progress=False,
                                                                     resume=True, stats_every=stats_every)
-    make = cli._callbacks
+    make, extra = cli._callbacks, [FreezeStats()] if settings.pop('freeze', False) else []
     if oracle:
         data = get_data(dataset, valid='test', **({'path': data_path} if dataset == 'cifar10' else {}))
-        x = data.train.tensors[0][:256]
-        cli._callbacks = lambda *a: make(*a) + [OracleStats(x, oracle)]
+        extra.append(OracleStats(data.train.tensors[0][:256], oracle))
+    if extra: cli._callbacks = lambda *a: make(*a) + extra
     try: res = cli.train(**settings)
     finally: cli._callbacks = make
     m = json.loads((d/'metrics.json').read_text())

@@ -17,9 +17,9 @@ validation pass measured apart) and the estimated time of the full sweep.
     .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz
     .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz --pilot --batch-sizes 1 8 256
     .venv/bin/python tests/benchmarks/comparisons.py digits cifar10 --collect    # only collect what has finished
-    # the short CIFAR-10 protocol (first 2,000 images at every batch size, 3 epochs, 2 seeds, BlN's three updates):
+    # the short CIFAR-10 protocol (first 2,000 images at every batch size, 3 epochs, 3 seeds, BlN's three updates):
     .venv/bin/python tests/benchmarks/comparisons.py cifar10 --data-path cifar-10-python.tar.gz --train-samples 2000 \
-        --epochs 3 --seeds 0 1 --batch-sizes 1 2 8 --stats-updates paper natural samples
+        --epochs 3 --seeds 0 1 2 --batch-sizes 1 2 8 --stats-updates paper natural samples
 """
 from __future__ import annotations
 import argparse, functools, json, os, subprocess, sys, time

@@ -1,13 +1,13 @@
 """Copy the small result files of the small-batch study into the repo (nbs/results/small_batches/<dir name>/...):
 per run config.json, recalibrated.json and metrics.json cut to its per-epoch records; with --stats also stats.npz,
-its sampled values cut to the first 16 per channel (as `issue6_collect.py` does). Weights and checkpoints stay behind.
+its sampled values cut to the first 16 per channel (as `collect_runs.py` does). Weights and checkpoints stay behind.
 
     .venv/bin/python tests/benchmarks/small_batches_collect.py /tmp/study-cifar /tmp/compare [--stats] [--to DIR]
 """
 import argparse, json, shutil, sys
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
-from issue6_collect import per_epoch, trimmed
+from collect_runs import per_epoch, trimmed
 from batchless_nb.track import StatsLog
 
 SMALL = ('config.json', 'recalibrated.json', 'table.csv', 'runs.csv')

@@ -7,11 +7,12 @@ steps are timed interleaved (medians of wall-clock and CPU time; with one torch 
 Also the dropout layers alone: the forward of the 5 dropout layers at the paper CNN's activation shapes.
 Run: python tests/benchmarks/bench_dropout.py [--batch 64] [--repeats 30] [--threads 1] [--device cpu]
 """
-import argparse, statistics, time
+import argparse
 import torch, torch.nn as nn, torch.nn.functional as F
 from batchless_nb.core import sample_keys
 from batchless_nb.norm import batchless_loss
 from batchless_nb.models import paper_cnn, PerSampleDropout
+from timing import timeit  # tests/benchmarks/timing.py, beside this script
 
 
 def _sync(device):
@@ -49,17 +50,6 @@ def dropout_steps(batch, device):
         return f
     return {'torch': step([nn.Dropout(0.25).train() for _ in xs]),
             'per_sample': step([PerSampleDropout(0.25, stream=i).train() for i in range(len(xs))])}
-
-
-def timeit(steps, repeats):
-    "Median wall-clock and CPU seconds per step, interleaved"
-    wall, cpu = {k: [] for k in steps}, {k: [] for k in steps}
-    for f in steps.values(): f(); f()  # warm up
-    for _ in range(repeats):
-        for k, f in steps.items():
-            t, c = time.perf_counter(), time.process_time(); f()
-            cpu[k].append(time.process_time() - c); wall[k].append(time.perf_counter() - t)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
 
 
 def report(title, med, base='torch'):

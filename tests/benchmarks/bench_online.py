@@ -9,11 +9,12 @@ Also the eval-mode forward (a fixed affine map) against GroupNorm's, and with --
 batch-norm layers; GroupNorm(32) on the convolutions and one group on the dense layers), batch from --shape.
 Run: python tests/benchmarks/bench_online.py [--shape 8 64 16 16] [--repeats 50] [--threads 1] [--model]
 """
-import argparse, os, statistics, time
+import argparse, os
 import torch, torch.nn as nn
 from batchless_nb.norm import BatchlessNorm2d, batchless_loss
 from batchless_nb.online import OnlineNorm1d, OnlineNorm2d
 from batchless_nb.models import paper_cnn
+from timing import timeit  # tests/benchmarks/timing.py, beside this script
 
 
 def make_steps(shape):
@@ -62,17 +63,6 @@ def model_steps(batch):
             (loss + batchless_loss(m)).backward()
         return f
     return {k: step(m.train()) for k, m in models.items()}
-
-
-def timeit(steps, repeats):
-    "Median wall-clock and CPU seconds per step, interleaved"
-    wall, cpu = {k: [] for k in steps}, {k: [] for k in steps}
-    for f in steps.values(): f(); f()  # warm up
-    for _ in range(repeats):
-        for k, f in steps.items():
-            t, c = time.perf_counter(), time.process_time(); f()
-            cpu[k].append(time.process_time() - c); wall[k].append(time.perf_counter() - t)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in steps}
 
 
 def report(title, med, base='GroupNorm(32)'):

@@ -16,8 +16,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['set_seed', 'default_device', 'check_device', 'model_device', 'model_dtype', 'is_distributed', 'rank', 'world_size',
            'all_sum', 'split_batch', 'batch_inputs', 'SampleKeys', 'sample_keys', 'current_samples', 'as_int32',
-           'hash32_', 'hash32', 'sample_hashes', 'eval_mode', 'layer_input', 'remove_stale_temporaries', 'atomic_write',
-           'save_json', 'PeakMemory', 'moved_names']
+           'hash32_', 'hash32', 'sample_hashes', 'eval_mode', 'layer_input', 'check_input_dims',
+           'remove_stale_temporaries', 'atomic_write', 'save_json', 'PeakMemory', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #b364e494
 def set_seed(
@@ -175,6 +175,15 @@ def eval_mode(
 def layer_input(args:tuple, kwargs:dict) -> Tensor:
     "The input a module was called with, from a forward hook's `args` and `kwargs` (`with_kwargs=True`)"
     return args[0] if args else kwargs['input']
+
+# %% ../nbs/00_core.ipynb #5f30912d
+def check_input_dims(
+    input:Tensor, # A layer's input
+    dims:tuple, # The numbers of dimensions the layer takes
+):
+    "Raise a ValueError naming the expected and the actual number of dimensions, unless `input.dim()` is in `dims`"
+    if input.dim() not in dims:
+        raise ValueError(f"expected {' or '.join(f'{d}D' for d in dims)} input (got {input.dim()}D input)")
 
 # %% ../nbs/00_core.ipynb #f378657b
 def _pid_alive(pid:int) -> bool:

@@ -15,8 +15,8 @@ from .track import StatsLog, TrackStats
 
 # %% auto #0
 __all__ = ['RESULT_FIELDS', 'SWEEP_COLUMNS', 'SPREADS', 'summarize', 'write_run', 'Run', 'run_of', 'save_run', 'load_run',
-           'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'method_order',
-           'seed_stats', 'ties_with_best', 'results_table', 'method_label', 'markdown_table']
+           'as_run', 'cell_key', 'cell_dir', 'write_sweep', 'read_sweep', 'sweep_runs', 'load_sweep', 'method_of',
+           'method_order', 'seed_stats', 'ties_with_best', 'results_table', 'method_label', 'markdown_table']
 
 # %% ../nbs/04_runs.ipynb #e9f81e22
 def summarize(history:dict) -> dict:
@@ -167,10 +167,18 @@ def load_sweep(
     if missing: raise ValueError(f"expected sweep rows with columns {list(SWEEP_COLUMNS)} (missing {missing})")
     return df
 
-# %% ../nbs/04_runs.ipynb #2f404331
+# %% ../nbs/04_runs.ipynb #140f5cb1
 SPREADS = ('std', 'range')
 
 def _method(r:dict) -> str: return r.get('method') or r['norm']
+
+def method_of(
+    config:dict, # A run's settings: `norm`, and for BlN `stats_update` and `stats_eta`
+) -> str:
+    "The run's method in a sweep: its norm, and for BlN with a moving-average statistics update the rule and its eta, e.g. 'bln-log/natural0.01'"
+    rule = config.get('stats_update')
+    moving = NORMS[config['norm']].std_param is not None and rule not in (None, 'paper')
+    return config['norm'] + (f"/{rule}{config['stats_eta']:g}" if moving else '')
 
 def method_order(
     methods, # Names of sweep methods: norms, or NORM/VARIANT such as 'bln-log/natural0.01'

@@ -167,7 +167,7 @@ def load_sweep(
     if missing: raise ValueError(f"expected sweep rows with columns {list(SWEEP_COLUMNS)} (missing {missing})")
     return df
 
-# %% ../nbs/04_runs.ipynb #140f5cb1
+# %% ../nbs/04_runs.ipynb #f26e7d12
 SPREADS = ('std', 'range')
 
 def _method(r:dict) -> str: return r.get('method') or r['norm']
@@ -177,7 +177,8 @@ def method_of(
 ) -> str:
     "The run's method in a sweep: its norm, and for BlN with a moving-average statistics update the rule and its eta, e.g. 'bln-log/natural0.01'"
     rule = config.get('stats_update')
-    moving = NORMS[config['norm']].std_param is not None and rule not in (None, 'paper')
+    spec = NORMS.get(config['norm'])  # an unregistered norm has no BlN statistics the registry knows of: its name alone
+    moving = spec is not None and spec.std_param is not None and rule not in (None, 'paper')
     return config['norm'] + (f"/{rule}{config['stats_eta']:g}" if moving else '')
 
 def method_order(

@@ -72,17 +72,18 @@ def _bn_sums(g:Tensor, x:Tensor, weight:Tensor|None, mean:Tensor, needs:tuple) -
     ones = _zeros_ones(mean.shape[0], mean.dtype, mean.device)[1]
     return torch.ops.aten.native_batch_norm_backward(g, x, weight, mean, ones, None, None, False, 0.0, list(needs))
 
-# %% ../nbs/01_norm.ipynb #ddc7d93e
+# %% ../nbs/01_norm.ipynb #09dceb13
 def _channel_stats(x:Tensor, mean:Tensor, fast:bool=True) -> tuple[Tensor, Tensor, Tensor]:
-    "d = x - mean (channels at dim 1), and the mean a and the mean square q of d per channel, in `mean`'s dtype"
+    "d = x - mean (channels at dim 1, differentiable), and the mean a and the mean square q of d per channel, in `mean`'s dtype"
     d = x - _per_channel(mean, x.dim())  # exact where mean is near the data; fp32 for bf16 x and an fp32 mean
     n = d.numel() // max(d.shape[1], 1)
-    if fast:  # one pass of the batch-norm backward kernel: sum(d * (d - 0)) and sum(d)
-        try: _, s2, s1 = _bn_sums(d, d, None, _zeros_ones(d.shape[1], d.dtype, d.device)[0], (False, True, True))
-        except (NotImplementedError, RuntimeError): fast = False  # a backend without the kernel
-    if not fast:
-        dims = [0, *range(2, d.dim())]
-        s1, s2 = d.sum(dims), d.square().sum(dims)
+    with torch.no_grad():  # d keeps x's gradient; the moments are constants (sg)
+        if fast:  # one pass of the batch-norm backward kernel: sum(d * (d - 0)) and sum(d)
+            try: _, s2, s1 = _bn_sums(d, d, None, _zeros_ones(d.shape[1], d.dtype, d.device)[0], (False, True, True))
+            except (NotImplementedError, RuntimeError): fast = False  # a backend without the kernel
+        if not fast:
+            dims, dd = [0, *range(2, d.dim())], d.detach()  # forward-mode AD ignores no_grad
+            s1, s2 = dd.sum(dims), dd.square().sum(dims)
     if s1.dtype != mean.dtype: s1, s2 = s1.to(mean.dtype), s2.to(mean.dtype)
     return d, s1 / n, s2 / n
 
@@ -113,7 +114,7 @@ def _nll_grads(g:Tensor, a:Tensor, q:Tensor, mean:Tensor, p:Tensor, std_param:st
     if std_param == 'abs': return g_mean, k * p.sign() * inv * (1 - q * inv2)
     return g_mean, k * (q * p - p.sign() / (p.abs() + eps))  # 'inv'
 
-# %% ../nbs/01_norm.ipynb #c450ea64
+# %% ../nbs/01_norm.ipynb #0751cf29
 def _affine(d:Tensor, scale:Tensor, bias:Tensor|None, dtype:torch.dtype, fast:bool=True) -> Tensor:
     "d * scale + bias per channel (channels at dim 1), in `dtype`"
     if fast and d.dtype == scale.dtype:
@@ -122,18 +123,6 @@ def _affine(d:Tensor, scale:Tensor, bias:Tensor|None, dtype:torch.dtype, fast:bo
         except (NotImplementedError, RuntimeError): pass  # a backend without the kernel
     s, b = _per_channel(scale, d.dim()), _per_channel(bias, d.dim())
     return (d * s if b is None else torch.addcmul(b, d, s)).to(dtype)
-
-def _affine_grads(g:Tensor, x:Tensor, mean:Tensor, scale:Tensor, inv_std:Tensor, needs:tuple, fast:bool=True):
-    "Gradients for x, gamma and beta of out = (x - mean) * scale + beta, scale = gamma * inv_std (g: grad of out)"
-    if fast:
-        try:
-            gx, gs, gb = _bn_sums(g, x, scale, mean, needs)
-            return gx, (gs * inv_std if needs[1] else None), gb
-        except (NotImplementedError, RuntimeError): pass  # a backend or dtype mix without the kernel
-    dims = [0, *range(2, x.dim())]
-    gx = (g * _per_channel(scale, x.dim())).to(x.dtype) if needs[0] else None
-    gw = (g * (x - _per_channel(mean, x.dim()))).sum(dims) * inv_std if needs[1] else None
-    return gx, gw, (g.sum(dims) if needs[2] else None)
 
 # %% ../nbs/01_norm.ipynb #5cd1233a
 class NonFiniteActivationError(ValueError, FloatingPointError):
@@ -159,36 +148,7 @@ def _autocast_on(device_type:str) -> bool:
     try: return torch.is_autocast_enabled(device_type)
     except TypeError: return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
-# %% ../nbs/01_norm.ipynb #f67f338a
-def _affine_forward(x, mean, p, weight, bias, std_param, eps, training, fast=True) -> tuple:
-    "(out, scale, inv_std), and in training also the moments (a, q) of x - mean; channels at dim 1, no autograd"
-    log_std, inv = std_from_param(p, std_param, eps)
-    scale = inv if weight is None else weight * inv
-    if not training: return _affine(x - _per_channel(mean, x.dim()), scale, bias, x.dtype, fast), scale, inv
-    d, a, q = _channel_stats(x, mean, fast)
-    return _affine(d, scale, bias, x.dtype, fast), scale, inv, a, q
-
-class _AffineFn(torch.autograd.Function):
-    "`_affine_forward` as an autograd node for x, gamma and beta (mean and p come in detached: sg); saves x"
-    @staticmethod
-    def forward(ctx, x, mean, p, weight, bias, std_param, eps, training):
-        out, scale, inv, *stats = _affine_forward(x, mean, p, weight, bias, std_param, eps, training)
-        ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(inv, *stats)
-        ctx.save_for_backward(x, mean, weight, scale, inv)
-        return out, inv, *stats
-
-    @staticmethod
-    def backward(ctx, g_out, *_):
-        nx, _, _, nw, nb = ctx.needs_input_grad[:5]
-        if g_out is None or not (nx or nw or nb): return (None,) * 8
-        x, mean, weight, scale, inv = ctx.saved_tensors
-        create_graph = torch.is_grad_enabled()  # double backward: differentiable plain forms
-        if create_graph and weight is not None: scale = weight * inv
-        gx, gw, gb = _affine_grads(g_out, x, mean, scale, inv, (nx, nw, nb), not create_graph)
-        return gx, None, None, gw, gb, None, None, None
-
-# %% ../nbs/01_norm.ipynb #0c434c11
+# %% ../nbs/01_norm.ipynb #69a1f372
 def _nll_forward(a, q, log_std, inv, p, std_param, eps, gauge, reduction, check_finite) -> tuple:
     "(nll, its gradients per unit for mu and p) from the moments, no autograd"
     nll, g_mean, g_p = _gaussian_nll(a, q, log_std, inv, p, std_param, eps, gauge, reduction)
@@ -212,36 +172,33 @@ class _NLLFn(torch.autograd.Function):
         else: gm, gp = g * g_mean, g * g_p
         return None, None, None, None, gm, gp, None, None, None, None, None
 
-_affine_node, _nll_node = (super(torch.autograd.Function, f).apply for f in (_AffineFn, _NLLFn))  # no Python wrapper
+_nll_node = super(torch.autograd.Function, _NLLFn).apply  # no Python wrapper
 
-# %% ../nbs/01_norm.ipynb #ae6832ff
-def _plain(x, mean, p, weight, bias, std_param, eps, training, gauge, reduction) -> tuple[Tensor, Tensor|None]:
-    "The layer (channels at dim 1) as plain differentiable ops"
+# %% ../nbs/01_norm.ipynb #e7c5b0e4
+def _plain_nll(a, q, mean, p, std_param, eps, gauge, reduction) -> Tensor:
+    "The NLL from the moments a, q of x - sg(mu) as plain differentiable ops in mu and `p`"
     log_std, inv = std_from_param(p, std_param, eps)
-    d = x - _per_channel(mean.detach(), x.dim())
-    out = _affine(d, inv.detach() if weight is None else weight * inv.detach(), bias, x.dtype, fast=False)
-    if not training: return out, None
-    _, a, q = _channel_stats(x.detach(), mean.detach(), fast=False)
     delta = mean - mean.detach()
     nll = log_std + 0.5 * (q - 2 * a * delta + delta.square()) * inv.square()  # E[(x - mu)^2] / sigma^2 / 2
     if gauge: nll = nll - (log_std.detach() + 0.5)
-    return out, (nll.mean() if reduction == 'mean' else nll.sum())
+    return nll.mean() if reduction == 'mean' else nll.sum()
 
 def _in_forward_ad() -> bool:
     "Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level)"
     return getattr(torch.autograd.forward_ad, '_current_level', -1) >= 0
 
-def _eager_forward(x, mean, p, weight, bias, std_param, eps, training, gauge, reduction, check_finite):
-    "The two nodes (channels at dim 1), or without gradient their forward alone"
-    args, grad = (x, mean.detach(), p.detach(), weight, bias, std_param, eps, training), torch.is_grad_enabled()
-    if grad: out, inv, *stats = _affine_node(*args)
-    else: out, _, inv, *stats = _affine_forward(*args)
-    if not training: return out, None
-    log_std = None if gauge else std_from_param(p.detach(), std_param, eps)[0]  # the gauge cancels it
-    nll_args = (*stats, log_std, inv, mean, p, std_param, eps, gauge, reduction, check_finite)
-    return out, (_nll_node(*nll_args) if grad else _nll_forward(*nll_args[:4], *nll_args[5:])[0])
+def _forward(x, mean, p, weight, bias, std_param, eps, training, gauge, reduction, check_finite, fast):
+    "The layer (channels at dim 1): fast kernels and the NLL node (without gradient its forward alone), or plain ops"
+    log_std, inv = std_from_param(p.detach(), std_param, eps)
+    scale = inv if weight is None else weight * inv
+    if not training: return _affine(x - _per_channel(mean.detach(), x.dim()), scale, bias, x.dtype, fast), None
+    d, a, q = _channel_stats(x, mean.detach(), fast)
+    out = _affine(d, scale, bias, x.dtype, fast)
+    if not fast: return out, _plain_nll(a, q, mean, p, std_param, eps, gauge, reduction)
+    nll_args = (a, q, None if gauge else log_std, inv, mean, p, std_param, eps, gauge, reduction, check_finite)  # the gauge cancels log sigma
+    return out, (_nll_node(*nll_args) if torch.is_grad_enabled() else _nll_forward(*nll_args[:4], *nll_args[5:])[0])
 
-# %% ../nbs/01_norm.ipynb #7fe253b7
+# %% ../nbs/01_norm.ipynb #f4173676
 def batchless_norm(
     input:Tensor, # Activations with channels at `channel_dim`
     mean:Tensor, # Learned means mu, shape (C,)
@@ -261,9 +218,8 @@ def batchless_norm(
     if training: _check_choice('nll_reduction', nll_reduction, NLL_REDUCTIONS)
     moved = channel_dim % input.dim() != 1
     x = input.movedim(channel_dim, 1) if moved else input
-    args = (x, mean, std_parameter, weight, bias, std_param, eps, training, gauge, nll_reduction)
-    if _is_tracing() or _in_forward_ad(): out, nll = _plain(*args)
-    else: out, nll = _eager_forward(*args, check_finite)
+    out, nll = _forward(x, mean, std_parameter, weight, bias, std_param, eps, training, gauge, nll_reduction, check_finite,
+                        fast=not (_is_tracing() or _in_forward_ad()))
     return (out.movedim(1, channel_dim) if moved else out), nll
 
 # %% ../nbs/01_norm.ipynb #7acc1ec4

@@ -1,8 +1,8 @@
 """Why BlN trails GroupNorm/LayerNorm at small batch sizes, and which statistics update fixes it: the study's runs.
 
 Every run is `batchless_nb.cli.train` (the paper CNN on the CIFAR-10 subset, `--valid test`, 3 epochs, one-pass
-init, batch 1-2 on the first 2,000 training images; or the digits CNN on digits) with the settings of a named
-method, plus, for the diagnostics, a callback `train` cannot add. Each run writes OUT/cells/METHOD-bsB-seedS/
+init, batch 1-2 on the first 2,000 training images, or every batch size with --train-samples 2000; or the digits
+CNN on digits) with the settings of a named method, plus, for the diagnostics, a callback `train` cannot add. Each run writes OUT/cells/METHOD-bsB-seedS/
 (config.json with the method's name, metrics.json, stats.npz, model.pt); finished runs are skipped.
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python tests/benchmarks/small_batches_study.py OUT --dataset cifar10 \\
@@ -73,18 +73,19 @@ def method_settings(name:str) -> tuple[dict, int|None]:
         else: raise ValueError(f"unknown suffix {mod!r} in {name!r}: -no_init or -dropout0")
     return kw, oracle
 
-def protocol(dataset:str, batch_size:int, data_path:str|None) -> dict:
-    "The study's fixed settings for `dataset` at `batch_size`"
+def protocol(dataset:str, batch_size:int, data_path:str|None, train_samples:int|None=None) -> dict:
+    "The study's fixed settings for `dataset` at `batch_size` (CIFAR-10: `train_samples` images, else 2,000 at batch 1-2, all at 8+)"
     if dataset == 'digits': return dict(dataset='digits', valid='test', epochs=3, threads=1)
     return dict(dataset='cifar10', model='paper_cnn', data_path=data_path, valid='test', epochs=3, init_passes=1, threads=1,
-                train_samples=2000 if batch_size <= 2 else None)
+                train_samples=train_samples or (2000 if batch_size <= 2 else None))
 
-def run(out:Path, method:str, dataset:str, batch_size:int, seed:int, data_path:str|None=None, stats_every:int|None=None):
+def run(out:Path, method:str, dataset:str, batch_size:int, seed:int, data_path:str|None=None, stats_every:int|None=None,
+        train_samples:int|None=None):
     d = out/'cells'/f'{method}-bs{batch_size}-seed{seed}'
     if (d/'metrics.json').exists() and json.loads((d/'metrics.json').read_text())['config'].get('method') == method: return
     kw, oracle = method_settings(method)
     if kw['norm'] == 'bn' and batch_size == 1: return  # batch norm cannot train on one sample
-    settings = protocol(dataset, batch_size, data_path) | kw | dict(batch_size=batch_size, seed=seed, out=d, progress=False,
+    settings = protocol(dataset, batch_size, data_path, train_samples) | kw | dict(batch_size=batch_size, seed=seed, out=d, progress=False,
                                                                     resume=True, stats_every=stats_every)
     make, extra = cli._callbacks, [FreezeStats()] if settings.pop('freeze', False) else []
     if oracle:
@@ -134,6 +135,7 @@ if __name__ == '__main__':
     p.add_argument('--data-path')
     p.add_argument('--batch-sizes', nargs='+', type=int, default=[1])
     p.add_argument('--seeds', nargs='+', type=int, default=[0])
+    p.add_argument('--train-samples', type=int, help='CIFAR-10: train on the first N images at every batch size')
     p.add_argument('--stats-every', type=int, help='record the statistics every N steps (default: at epoch ends)')
     p.add_argument('--recalibrate', action='store_true')
     a = p.parse_args()
@@ -142,4 +144,4 @@ if __name__ == '__main__':
     for m in a.methods: method_settings(m)  # fail early on a typo
     for b in a.batch_sizes:
         for s in a.seeds:
-            for m in a.methods: run(a.out, m, a.dataset, b, s, a.data_path, a.stats_every)
+            for m in a.methods: run(a.out, m, a.dataset, b, s, a.data_path, a.stats_every, a.train_samples)

@@ -2,11 +2,12 @@
 
 Every run is `batchless_nb.cli.train` (the paper CNN on the CIFAR-10 subset, `--valid test`, 3 epochs, one-pass
 init, batch 1-2 on the first 2,000 training images, or every batch size with --train-samples 2000; or the digits
-CNN on digits) with the settings of a named method, plus, for the diagnostics, a callback `train` cannot add. Each run writes OUT/cells/METHOD-bsB-seedS/
-(config.json with the method's name, metrics.json, stats.npz, model.pt); finished runs are skipped.
+CNN on digits) with the settings of a named method, plus, for the diagnostics, a callback `train` cannot add. Each
+run writes OUT/cells/METHOD-bsB-seedS/ (config.json with the method's name, metrics.json, stats.npz, model.pt);
+finished runs are skipped. The methods come before the options (--batch-sizes and --seeds take several values):
 
-    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python tests/benchmarks/small_batches_study.py OUT --dataset cifar10 \\
-        --data-path cifar-10-python.tar.gz --batch-sizes 1 8 --seeds 0 1 METHOD [METHOD ...]
+    OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python tests/benchmarks/small_batches_study.py OUT METHOD [METHOD ...] \\
+        --dataset cifar10 --data-path cifar-10-python.tar.gz --batch-sizes 1 8 --seeds 0 1
     .venv/bin/python tests/benchmarks/small_batches_study.py OUT --recalibrate   # eval-mode statistics, after training
 
 Methods (`METHODS`): the norms `none bn gn ln`; BlN-log with `paper` (Adam trains the statistics, the paper),

@@ -16,8 +16,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['set_seed', 'default_device', 'check_device', 'model_device', 'model_dtype', 'is_distributed', 'rank', 'world_size',
            'all_sum', 'split_batch', 'batch_inputs', 'SampleKeys', 'sample_keys', 'current_samples', 'as_int32',
-           'hash32_', 'hash32', 'sample_hashes', 'eval_mode', 'layer_input', 'check_input_dims',
-           'remove_stale_temporaries', 'atomic_write', 'save_json', 'PeakMemory', 'moved_names']
+           'hash32_', 'hash32', 'sample_hashes', 'eval_mode', 'layer_input', 'check_input_dims', 'check_floating',
+           'check_channels', 'remove_stale_temporaries', 'atomic_write', 'save_json', 'PeakMemory', 'moved_names']
 
 # %% ../nbs/00_core.ipynb #b364e494
 def set_seed(
@@ -176,7 +176,7 @@ def layer_input(args:tuple, kwargs:dict) -> Tensor:
     "The input a module was called with, from a forward hook's `args` and `kwargs` (`with_kwargs=True`)"
     return args[0] if args else kwargs['input']
 
-# %% ../nbs/00_core.ipynb #5f30912d
+# %% ../nbs/00_core.ipynb #e75dfa34
 def check_input_dims(
     input:Tensor, # A layer's input
     dims:tuple, # The numbers of dimensions the layer takes
@@ -184,6 +184,22 @@ def check_input_dims(
     "Raise a ValueError naming the expected and the actual number of dimensions, unless `input.dim()` is in `dims`"
     if input.dim() not in dims:
         raise ValueError(f"expected {' or '.join(f'{d}D' for d in dims)} input (got {input.dim()}D input)")
+
+
+def check_floating(input:Tensor):
+    "Raise a ValueError naming the dtype unless `input` is floating point"
+    if not input.is_floating_point():
+        raise ValueError(f"expected a floating-point input (got {input.dtype}); convert it with .float()")
+
+def check_channels(
+    input:Tensor, # A layer's input, of a valid number of dimensions
+    num_features:int, # The channels the layer has
+    channel_dim:int=1, # Where the input has its channels
+):
+    "Raise a ValueError naming the expected and the actual channel count unless `input` has `num_features` at `channel_dim`"
+    c = input.shape[channel_dim]
+    if c != num_features:
+        raise ValueError(f"expected {num_features} channels at dim {channel_dim} (got {c}; input shape {tuple(input.shape)})")
 
 # %% ../nbs/00_core.ipynb #f378657b
 def _pid_alive(pid:int) -> bool:

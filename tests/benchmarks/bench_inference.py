@@ -10,11 +10,13 @@ layers, as `norm_layer('gn', ...)` builds it) and LayerNorm compute the statisti
 
     OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/bench_inference.py [--repeats 30] [--batch-sizes 1 64]
 """
-import argparse, statistics, time
+import argparse, os, sys
 import torch
 from batchless_nb.models import get_model
 from batchless_nb.convert import fold_batchless
 from batchless_nb.norm import batchless_modules
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import medians  # tests/benchmarks/timing.py, beside this script
 
 def models(position:str, device) -> dict:
     "The paper CNN with each normalization, in eval mode; BlN with non-trivial statistics, also folded"
@@ -36,17 +38,9 @@ def models(position:str, device) -> dict:
 def per_image(ms:dict, batch_size:int, repeats:int, device) -> dict[str, float]:
     "Median seconds per image of each model's forward, interleaved over `repeats` rounds"
     x = torch.randn(batch_size, 3, 32, 32, device=device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     inner = max(1, 64 // batch_size)  # several forwards per timing at batch 1: above the timer's resolution
-    for m in ms.values():
-        for _ in range(3): m(x)
-    times = {k: [] for k in ms}
-    for _ in range(repeats):
-        for k, m in ms.items():
-            sync(); t = time.perf_counter()
-            for _ in range(inner): m(x)
-            sync(); times[k].append((time.perf_counter() - t) / inner / batch_size)
-    return {k: statistics.median(v) for k, v in times.items()}
+    forwards = {k: (lambda m=m: [m(x) for _ in range(inner)]) for k, m in ms.items()}
+    return {k: t / inner / batch_size for k, t in medians(forwards, repeats, device, warmup=1).items()}
 
 def report(device, batch_sizes, repeats):
     for position in ('after', 'before'):

@@ -16,12 +16,14 @@ On CUDA (run by default when available, or --device cuda) torch.cuda.max_memory_
 
 Run: python tests/benchmarks/bench_memory.py [--batch 256] [--micro 1 4 16 64 256] [--repeats 5] [--threads 2]
 """
-import argparse, json, os, statistics, tempfile, time
+import argparse, json, os, sys, tempfile
 import torch
 from torch.profiler import profile, ProfilerActivity
 from batchless_nb.core import set_seed
 from batchless_nb.models import paper_cnn
 from batchless_nb.norm import batchless_loss
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import medians  # tests/benchmarks/timing.py, beside this script
 
 MB = 2**20
 
@@ -77,17 +79,8 @@ def state_bytes(norm, device):
 def time_steps(norms, x, y, repeats, device):
     "Median step time per norm, the norms interleaved in each round"
     runs = {n: make(n, device) for n in norms}
-    for n, (m, o) in runs.items(): train_step(m, o, x, y, len(x)); o.zero_grad(set_to_none=True)  # warm-up
-    times = {n: [] for n in norms}
-    for _ in range(repeats):
-        for n, (m, o) in runs.items():
-            if device.type == 'cuda': torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            train_step(m, o, x, y, len(x))
-            if device.type == 'cuda': torch.cuda.synchronize(device)
-            times[n].append(time.perf_counter() - t)
-            o.zero_grad(set_to_none=True)
-    return {n: statistics.median(v) for n, v in times.items()}
+    step = lambda m, o: (train_step(m, o, x, y, len(x)), o.zero_grad(set_to_none=True))
+    return medians({n: (lambda m=m, o=o: step(m, o)) for n, (m, o) in runs.items()}, repeats, device, warmup=1)
 
 
 def main():

@@ -9,13 +9,14 @@ identity (x * 1, the floor of a layer call), GN (nn.GroupNorm(32, C)), BN (nn.Ba
 the BlN layer of another checkout's batchless_nb/norm.py.
 
 --compile compiles every variant with torch.compile. On a machine with CUDA the GPU figures follow the CPU ones
-(--device to choose one). --clock cpu times this thread's CPU time (steadier on a shared machine, 1 thread).
+(--device to choose one). --clock cpu times this process's CPU time (steadier on a shared machine).
 Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_norm.py [--shape 64 64 32 32] [--shape 1 64 32 32] [--repeats 30]
 """
-import argparse, os, statistics, sys, time, warnings
+import argparse, os, sys, warnings
 import torch, torch.nn as nn
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import OpCounter, load_baseline
+from timing import medians
 from batchless_nb.norm import BatchlessNorm2d, batchless_norm_reference
 
 
@@ -57,19 +58,6 @@ def make_steps(shape, device, std_param='log', compile=False, baseline=None):
     return steps
 
 
-def time_steps(steps, repeats, device, clock):
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    now = time.perf_counter if clock == 'wall' or device.type == 'cuda' else time.thread_time
-    for f in steps.values():
-        for _ in range(3): f()  # warm-up (and compilation)
-    times = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, f in steps.items():
-            sync(); t = now(); f(); sync()
-            times[k].append(now() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(a, device):
     base = load_baseline(a.baseline) if a.baseline else None
     print(f"\n== device {device}, std_param={a.std_param!r}, {a.repeats} interleaved rounds, {a.clock} clock, compile={a.compile}, "
@@ -77,7 +65,7 @@ def run(a, device):
     for shape in a.shape:
         torch.manual_seed(0)
         steps = make_steps(shape, device, a.std_param, a.compile, base)
-        med = time_steps(steps, a.repeats, device, a.clock)
+        med = medians(steps, a.repeats, device, a.clock, warmup=3)
         mem = {k: saved_bytes(f) for k, f in steps.items()}
         ops = {}
         if not a.compile:
@@ -99,7 +87,7 @@ def main():
     p.add_argument('--repeats', type=int, default=30)
     p.add_argument('--std-param', default='log', choices=['log', 'abs', 'inv'])
     p.add_argument('--compile', action='store_true', help='torch.compile every variant')
-    p.add_argument('--clock', choices=['wall', 'cpu'], default='wall', help="wall time, or this thread's CPU time")
+    p.add_argument('--clock', choices=['wall', 'cpu'], default='wall', help="wall time, or this process's CPU time")
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     p.add_argument('--device', choices=['cpu', 'cuda'], help='default: cpu, and cuda too when available')
     p.add_argument('--baseline', help="another checkout's batchless_nb/norm.py, timed as an extra variant")

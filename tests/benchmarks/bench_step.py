@@ -15,12 +15,14 @@ another checkout (its batchless_nb/norm.py) as a variant, to compare implementat
 
 Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_step.py [--batch 1 8] [--repeats 50] [--compile] [--foreach]
 """
-import argparse, collections, importlib.util, statistics, sys, time
-import torch, torch.nn as nn, torch.nn.functional as F
+import argparse, collections, importlib.util, os, sys
+import torch, torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from batchless_nb.core import set_seed
 from batchless_nb.models import paper_cnn
 from batchless_nb.norm import BatchlessNorm, batchless_loss
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import medians  # tests/benchmarks/timing.py, beside this script
 
 
 class OpCounter(TorchDispatchMode):
@@ -80,20 +82,6 @@ def make_step(norm, batch, device, foreach=None, compile=False, dropout=0.25, ba
     return step
 
 
-def time_steps(steps, repeats, device, clock='wall'):
-    "Median seconds per step of each variant, the variants interleaved in every round"
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    now = time.perf_counter if clock == 'wall' or device.type == 'cuda' else time.thread_time
-    for s in steps.values():
-        for _ in range(3): s()  # warm-up (and compilation)
-    times = {k: [] for k in steps}
-    for _ in range(repeats):
-        for k, s in steps.items():
-            sync(); t = now(); s(); sync()
-            times[k].append(now() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def run(a, device):
     base = load_baseline(a.baseline) if a.baseline else None
     print(f"\n== device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, Adam foreach={a.foreach}, "
@@ -103,7 +91,7 @@ def run(a, device):
         mk = lambda n, **kw: make_step(n, batch, device, a.foreach, a.compile, a.dropout, dropout_mode=a.dropout_mode, **kw)
         steps = {n: mk(n) for n in norms}
         if base is not None: steps['bln-log@baseline'] = mk('bln-log', baseline=base)
-        med = time_steps(steps, a.repeats, device, a.clock)
+        med = medians(steps, a.repeats, device, a.clock, warmup=3)
         ops = {} if a.compile else {k: count_ops(s) for k, s in steps.items()}
         print(f"batch {batch}:")
         print(f"  {'norm':18s} {'ms/step':>9s} {'/none':>7s} {'/gn':>7s}" + (f" {'/bn':>7s}" if 'bn' in med else '')
@@ -127,7 +115,7 @@ def main():
     p.add_argument('--compile', action='store_true', help='torch.compile each model')
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     p.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
-                   help="CPU timings: wall time, or this thread's CPU time (steadier on a shared machine; needs --threads 1)")
+                   help="CPU timings: wall time, or this process's CPU time (steadier on a shared machine)")
     p.add_argument('--device', choices=['cpu', 'cuda'], help='default: cpu, and cuda too when available')
     p.add_argument('--baseline', help="another checkout's batchless_nb/norm.py, timed as an extra variant")
     a = p.parse_args()

@@ -4,7 +4,7 @@ Needs /usr/bin/chromium (Debian: `apt-get install -y chromium`) and the `playwri
 bundled browsers are not used: `playwright install` is never needed). Skipped without either. Writes a
 screenshot to artifacts/browser_explorer.png.
 """
-import json, os, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
+import json, os, secrets, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import pytest
 

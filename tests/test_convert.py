@@ -10,7 +10,7 @@ import batchless_nb.convert as convert_mod
 from batchless_nb.norm import *
 from batchless_nb.init import init_batchless
 from batchless_nb.convert import *
-from batchless_nb.convert import ConversionError, FoldTraceError, LayerSummary
+from batchless_nb.convert import ConversionError, FoldTraceError
 
 pytestmark = pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning')
 
@@ -582,7 +582,7 @@ def table():
         conv, cs = converted(name, model)
         x = _input(name)
         folded, fs = fold_batchless(copy.deepcopy(conv), example_inputs=x, return_summary=True)
-        with torch.no_grad(): ref, ec, ef = model(x), rel_err(conv(x), model(x)), rel_err(folded(x), model(x))
+        with torch.no_grad(): ec, ef = rel_err(conv(x), model(x)), rel_err(folded(x), model(x))
         n = lambda s, o: sum(c.get(o, 0) for c in s.counts().values())
         rows.append(f"| {name} | {n(cs, 'converted')} | {n(fs, 'folded')} / {len(fs.rows)} | {n(cs, 'refused')} | "
                     f"{ec:.1e} | {ef:.1e} |")

@@ -1,6 +1,6 @@
 """The fused training path of BatchlessNorm: precision far from zero, autograd (double backward, separate backward
 calls), torch.func, autocast, memory formats, and the exact number of aten ops a training step dispatches."""
-import collections, itertools, warnings
+import collections, warnings
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from batchless_nb.norm import *

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
-from batchless_nb.init import init_batchless, batchless_strata, _measure, _set_stats
+from batchless_nb.init import init_batchless, _measure, _set_stats
 from batchless_nb.norm import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, batchless_modules
 
 
@@ -258,7 +258,6 @@ def test_modes_batchnorm_and_grads_untouched():
 
 
 def test_data_forms_agree():
-    model = branchy()
     x = images(100)
     y = torch.arange(100)
     ref = init_batchless(branchy(), x, n_samples=70, batch_size=16).stats

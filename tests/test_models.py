@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from batchless_nb.data import dataloaders, get_data
-from batchless_nb.models import MODELS, NORMS, digits_cnn, get_model, mlp, norm_layer, paper_cnn
+from batchless_nb.models import MODELS, NORMS, digits_cnn, get_model, norm_layer, paper_cnn
 from batchless_nb.norm import BatchlessNorm, batchless_loss, batchless_modules
 from batchless_nb.online import OnlineNorm1d, OnlineNorm2d
 

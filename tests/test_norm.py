@@ -3,7 +3,7 @@ import copy, itertools, warnings
 import pytest, torch, torch.nn as nn
 from hypothesis import given, settings, strategies as st
 from batchless_nb.norm import *
-from batchless_nb.convert import convert_batchnorm, to_batchnorm, fold_into, fold_batchless
+from batchless_nb.convert import convert_batchnorm, to_batchnorm, fold_into
 
 STD = list(STD_PARAMS)
 # layers here are often run without using their NLL; test_unused_nll_warns checks the warning itself

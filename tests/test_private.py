@@ -6,7 +6,7 @@ generator in the DP optimizer's parameter order, divides by the expected batch s
 learner (with and without micro-batches) must end with its parameters (float64, 1e-12), also across empty batches,
 and report the epsilon an accountant gives for the steps taken.
 """
-import copy, warnings
+import copy
 import pytest
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import batchless_nb.cli as cli
-from batchless_nb.learner import (Learner, Checkpoint, CheckpointError, CheckpointWarning, DivergedError, DivergenceCheck,
+from batchless_nb.learner import (Learner, Checkpoint, CheckpointWarning, DivergedError, DivergenceCheck,
                                   NonFiniteLossError, previous_checkpoint)
 from batchless_nb.core import set_seed
 from batchless_nb.data import get_data, dataloaders

@@ -1,6 +1,5 @@
 "Sweep summaries over seeds: seed_stats, ties_with_best and results_table against a direct computation, on random sweeps."
 import math, statistics
-import numpy as np
 from hypothesis import given, settings, strategies as st
 from batchless_nb.runs import seed_stats, ties_with_best, results_table
 from batchless_nb.viz import plot_sweep

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from batchless_nb.core import set_seed
 from batchless_nb.data import get_data, dataloaders
 from batchless_nb.models import get_model
-from batchless_nb.norm import BatchlessNorm, BatchlessNorm2d
+from batchless_nb.norm import BatchlessNorm
 from batchless_nb.core import eval_mode as _eval_mode
 from batchless_nb.callbacks import batchless_learner, InitBatchless
-from batchless_nb.track import ChannelMoments, ChannelSample, StatsLog, TrackStats, true_stats, norm_modules
+from batchless_nb.track import ChannelMoments, ChannelSample, TrackStats, true_stats, norm_modules
 from batchless_nb.runs import save_run, load_run
 from batchless_nb.viz import plot_stats, plot_norm_error, plot_channel, plot_losses, plot_sweep, norm_errors
 from batchless_nb.explore import explore

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from collect_runs import per_epoch  # noqa: E402
-from batchless_nb.runs import read_sweep, write_sweep, cell_key  # noqa: E402
+from batchless_nb.runs import read_sweep, write_sweep  # noqa: E402
 
 NORMS = ['none', 'bn', 'gn', 'ln', 'online', 'bln-log']
 METHODS = NORMS + ['bln-log/natural0.01', 'bln-log/samples0.01']  # the sweeps' methods, in table order

@@ -19,10 +19,9 @@ stats learning rate. On top of the natural update (eta 0.01):
 - `fc6x0.1`: the classifier's initial weights scaled by 0.1 (smaller initial logits);
 - `preserve_function`: the init sets gamma = sigma, beta = mu, so the network starts as the unnormalized one.
 """
-import argparse, json
+import argparse
 from pathlib import Path
 import torch
-from torch import Tensor
 from batchless_nb.init import init_batchless
 from batchless_nb.core import set_seed
 from batchless_nb.data import get_data, dataloaders

@@ -225,7 +225,7 @@ def table():
             out = d/'ckpt'
             shutil.rmtree(out, ignore_errors=True); shutil.copytree(cut, out)
             damage_(out/'checkpoint.pt')
-            with warnings.catch_warnings(record=True) as w:
+            with warnings.catch_warnings(record=True):
                 warnings.simplefilter('always')
                 code, err = main([*T.TRAIN, '--epochs', '3', '--checkpoint-every', '2', '--dropout', '0.25', '--track-batches', '1',
                                   '--resume', '--out', str(out)])

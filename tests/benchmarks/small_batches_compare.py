@@ -16,7 +16,6 @@ with `--jobs 2` on two free cores).
 """
 import argparse, json, multiprocessing as mp
 from pathlib import Path
-import numpy as np
 import pandas as pd
 
 NORMS = ['bln-log', 'gn', 'ln', 'bn', 'none']

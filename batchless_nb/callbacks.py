@@ -14,7 +14,7 @@ from .learner import Learner, Callback
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['STATS_UPDATES', 'STATS_ETAS', 'BatchlessTraining', 'batchless_learner', 'bln_callback', 'InitBatchless']
+__all__ = ['STATS_UPDATES', 'STATS_ETAS', 'BatchlessTraining', 'batchless_learner', 'bln_callback', 'InitBatchless', 'EvalStats']
 
 # %% ../nbs/03c_callbacks.ipynb #9ddf024a
 STATS_UPDATES = ('paper', 'natural', 'samples')
@@ -98,7 +98,7 @@ def migrate_checkpoint(self:BatchlessTraining, sd:dict):
     opt = sd.pop('stats_opt', None)
     sd['cbs'][type(self).__name__] = {'stats_update': 'paper' if opt is None else 'natural', 'opt': opt}
 
-# %% ../nbs/03c_callbacks.ipynb #9462037f
+# %% ../nbs/03c_callbacks.ipynb #6950628c
 class InitBatchless(Callback):
     "Data-driven init of the BlN statistics on the first `n_samples` training samples, before the first step"
     order = -30
@@ -111,9 +111,42 @@ class InitBatchless(Callback):
 
     def before_fit(self, learn):
         if learn.step > 0 or not batchless_modules(learn.model): return
-        data = self.data
-        if data is None:
-            ds = learn.train_dl.dataset
-            data = ds.tensors[0][:self.n_samples] if isinstance(ds, torch.utils.data.TensorDataset) else ds  # a tensor draws no RNG
-        if isinstance(data, Tensor) and data.is_floating_point(): data = data.to(model_dtype(learn.model))
+        data = _init_inputs(learn, self.data, self.n_samples)
         self.result = init_batchless(learn.model, data, n_samples=self.n_samples, passes=self.passes, dropout=self.dropout)
+
+def _init_inputs(learn:Learner, data, n_samples:int):
+    "`data`, or else the first `n_samples` training inputs (as a tensor, which draws no RNG) or the training set"
+    if data is None:
+        ds = learn.train_dl.dataset
+        data = ds.tensors[0][:n_samples] if isinstance(ds, torch.utils.data.TensorDataset) else ds
+    return data.to(model_dtype(learn.model)) if isinstance(data, Tensor) and data.is_floating_point() else data
+
+# %% ../nbs/03c_callbacks.ipynb #f474e6c8
+class EvalStats(Callback):
+    "Validate, and end `fit`, with BlN statistics measured in eval mode (dropout off) on the first `n_samples` training inputs"
+    def __init__(self,
+        n_samples:int=1000, # Inputs to measure
+        passes:int=2, # 2: mean then variance; 1: one pass (see `init_batchless`)
+        data=None, # Inputs to use instead of the training set (Tensor, Dataset or DataLoader)
+    ): self.n_samples, self.passes, self.data, self.learned = n_samples, passes, data, None
+
+    def _measure(self, learn):
+        "Keep the learned statistics, then set those of the eval-mode activations"
+        layers = batchless_modules(learn.model)
+        if not layers: return
+        self.learned = {n: (m.mean.detach().clone(), m.std_parameter.detach().clone()) for n, m in layers.items()}
+        init_batchless(learn.model, _init_inputs(learn, self.data, self.n_samples), n_samples=self.n_samples,
+                       passes=self.passes, dropout=False)
+
+    @torch.no_grad()
+    def _restore(self, learn):
+        "Put the learned statistics back"
+        if self.learned is None: return
+        for n, m in batchless_modules(learn.model).items():
+            m.mean.copy_(self.learned[n][0]); m.std_parameter.copy_(self.learned[n][1])
+        self.learned = None
+
+    def before_validate(self, learn): self._measure(learn)
+    def cleanup_validate(self, learn): self._restore(learn)  # also when validation raised
+    def before_fit(self, learn): self._restore(learn)  # a previous fit ended with the eval-mode statistics
+    def after_fit(self, learn): self._measure(learn)

@@ -254,15 +254,17 @@ def results_table(
         lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]
     return '\n'.join(lines[1:])
 
-# %% ../nbs/04_runs.ipynb #2734bf21
+# %% ../nbs/04_runs.ipynb #2971b6d5
 def method_label(
-    method:str, # A sweep's method: a norm name, or NORM/VARIANT such as 'bln-log/natural0.01'
+    method:str, # A sweep's method: a norm name, or NORM/VARIANT[/...] such as 'bln-log/natural0.01' or 'bln-log/eval'
 ) -> str:
-    "The label of a sweep's method in plots and tables, e.g. 'BlN-log, natural η=0.01'"
-    norm, _, variant = method.partition('/')
-    for rule, label in (('natural', 'natural η='), ('samples', 'per-sample η=')):
-        if variant.startswith(rule): variant = label + variant[len(rule):]
-    return (NORMS[norm].label if norm in NORMS else norm) + (f', {variant}' if variant else '')
+    "The label of a sweep's method in plots and tables, e.g. 'BlN-log, natural η=0.01, eval-mode statistics'"
+    norm, *variants = method.split('/')
+    def part(v):
+        for rule, label in (('natural', 'natural η='), ('samples', 'per-sample η=')):
+            if v.startswith(rule): return label + v[len(rule):]
+        return 'eval-mode statistics' if v == 'eval' else v
+    return ', '.join([NORMS[norm].label if norm in NORMS else norm, *map(part, variants)])
 
 def markdown_table(
     rows:list[dict], # Result rows of a sweep

@@ -55,3 +55,39 @@ def test_sweep_resumes_inside_a_cell(tmp_path, monkeypatch):
         assert r1['best_val_loss'] == r2['best_val_loss'] and r1['final_train_nll'] == r2['final_train_nll']
     a, b = (torch.load(d/'cells'/'bln-log-bs16-seed0'/'model.pt', weights_only=True) for d in (tmp_path/'straight', tmp_path/'cut'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _digits(out, **kw):
+    return cli.train(model='mlp', epochs=1, batch_size=64, train_samples=256, out=out, progress=False, threads=1, **kw)
+
+
+def test_eval_stats_on_by_default_for_bln_only(tmp_path):
+    "BlN runs validate and save with eval-mode statistics unless told not to; other norms have none to measure"
+    on, off = _digits(tmp_path/'on'), _digits(tmp_path/'off', eval_stats=False)
+    assert on['config']['eval_stats'] is True and off['config']['eval_stats'] is False
+    assert _digits(tmp_path/'gn', norm='gn')['config']['eval_stats'] is False
+    assert json.loads((tmp_path/'on'/'config.json').read_text())['eval_stats'] is True
+    # the same training; only the saved statistics and what validation saw differ
+    a, b = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('on', 'off'))
+    stats = {k for k in a if k.endswith(('.mean', '.log_std'))}
+    assert stats and all(torch.equal(a[k], b[k]) for k in a if k not in stats)
+    assert all(not torch.equal(a[k], b[k]) for k in stats)
+
+
+def test_a_run_resumes_with_its_own_eval_stats_setting(tmp_path):
+    "A run made before the option existed (its config has no eval_stats) resumes as it ran, without eval-mode statistics"
+    _digits(tmp_path, eval_stats=False)
+    cfg = json.loads((tmp_path/'config.json').read_text())
+    del cfg['eval_stats']
+    (tmp_path/'config.json').write_text(json.dumps(cfg))
+    res = cli.train(model='mlp', epochs=2, batch_size=64, train_samples=256, out=tmp_path, progress=False, threads=1, resume=True)
+    assert res['config']['eval_stats'] is False and len(res['history']['epochs']) == 2
+    with pytest.raises(cli.RunDirError, match="eval_stats"):  # asked for explicitly: another setting than the run's
+        cli.train(model='mlp', epochs=3, batch_size=64, train_samples=256, out=tmp_path, progress=False, threads=1, resume=True,
+                  eval_stats=True)
+
+
+def test_eval_stats_refused_under_dp():
+    pytest.importorskip('opacus')
+    with pytest.raises(ValueError, match="eval-mode statistics are measured on the private training data"):
+        cli.train(model='mlp', epochs=1, dp_noise=1.0, eval_stats=True, progress=False)

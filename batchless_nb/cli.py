@@ -174,13 +174,17 @@ def _num_threads(n:int|None):
     try: yield
     finally: torch.set_num_threads(old)
 
-# %% ../nbs/05_cli.ipynb #0a232e00
-def _eval_stats(config:dict, out:Path|None) -> bool:
-    "`eval_stats` as given; not given: a resumed run's own setting, else on for BlN models outside DP-SGD"
+# %% ../nbs/05_cli.ipynb #ae33460e
+def _resumed_eval_stats(config:dict, out:Path|None) -> bool|None:
+    "`eval_stats` as given, or else a resumed run's own setting (None: neither, see `_auto_eval_stats`)"
     if config['eval_stats'] is not None: return config['eval_stats']
     old = None if out is None or not config['resume'] else out/'config.json'
-    if old is not None and old.is_file(): return (_BEFORE_OPTIONS | json.loads(old.read_text()))['eval_stats']
-    return NORMS[config['norm']].std_param is not None and not _private(config)
+    return (_BEFORE_OPTIONS | json.loads(old.read_text()))['eval_stats'] if old is not None and old.is_file() else None
+
+def _auto_eval_stats(config:dict, net:nn.Module) -> bool:
+    "On for a model with BlN layers and active dropout (whose activations differ in eval mode), outside DP-SGD"
+    dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+    return bool(batchless_modules(net)) and dropout and not _private(config)
 
 # %% ../nbs/05_cli.ipynb #76b7ef9f
 def _callbacks(config:dict, net:nn.Module, n_train:int, out:Path|None) -> list:
@@ -208,7 +212,7 @@ def _build_model(config:dict, data) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
-# %% ../nbs/05_cli.ipynb #51535220
+# %% ../nbs/05_cli.ipynb #368f8124
 def train(
     dataset:str='digits', # One of `batchless_nb.data.DATASETS`
     model:str|None=None, # One of `batchless_nb.models.MODELS`; None: the dataset's default (`DEFAULT_MODELS`)
@@ -229,7 +233,7 @@ def train(
     init_samples:int=1000, # Samples for the data-driven init
     init_passes:int=2, # 2: mean then variance; 1: one pass, as the reference code
     init_dropout:bool=True, # Measure the init with dropout on (the statistics training sees); False: as the paper
-    eval_stats:bool|None=None, # Validate and save with BlN statistics measured in eval mode (`EvalStats`); None: on for BlN without DP-SGD, a resumed run's own setting
+    eval_stats:bool|None=None, # Validate and save with BlN statistics measured in eval mode (`EvalStats`); None: on for BlN with dropout (not DP-SGD), a resumed run's own setting
     valid:str='split', # 'split': hold out `valid_pct` of the training data; 'test': validate on the test set
     valid_pct:float=0.2, # Held-out fraction for `valid='split'`
     split_seed:int=0, # Seed of the validation split (fixed across training seeds)
@@ -262,7 +266,7 @@ def train(
     config['stats_eta'] = stats_eta = STATS_ETAS.get(stats_update) if stats_eta is None else stats_eta
     check_private(check_settings(config))
     out = None if out is None else Path(out)
-    config['eval_stats'] = _eval_stats(config, out)
+    config['eval_stats'] = _resumed_eval_stats(config, out)
     ckpt = None if out is None else _prepare_out(out, resume, config)
     if out is not None and out.is_dir() and rank() == 0: remove_stale_temporaries(out)  # left by a run killed mid-write
     if micro_batch_size is not None: micro_batch_size = min(micro_batch_size, batch_size)
@@ -273,6 +277,7 @@ def train(
             data = dataclasses.replace(data, train=TensorDataset(*(t[:train_samples] for t in data.train.tensors)))
         set_seed(seed)
         net = _build_model(config, data)
+        if config['eval_stats'] is None: config['eval_stats'] = _auto_eval_stats(config, net)
         learn = _learner(config)(net, dataloaders(data, batch_size=batch_size, seed=seed), stats_update=stats_update, stats_lr=stats_lr,
                                  stats_eta=stats_eta, cbs=_callbacks(config, net, len(data.train), out), lr=lr,
                                  micro_batch_size=micro_batch_size, device=dev, amp=amp, compile=compile,
@@ -387,7 +392,7 @@ def _plot(rows:list[dict], out:Path):
     plt.close(fig)
     print(f"figure: {out/'sweep.png'}")
 
-# %% ../nbs/05_cli.ipynb #f322f9b6
+# %% ../nbs/05_cli.ipynb #a33b916a
 def _bool_or_backend(s:str) -> bool|str: return True if s.lower() in ('1', 'true', 'yes', 'inductor') else s
 
 def _add_data_args(p, d):
@@ -429,7 +434,7 @@ def _add_stats_args(p, d, sweep:bool):
                         "--no-init-dropout: without, as the paper")
     g.add_argument('--eval-stats', action=argparse.BooleanOptionalAction, default=None,
                    help="validate and save with BlN statistics measured in eval mode, dropout off (default: on for BlN "
-                        "models, off under DP-SGD); --no-eval-stats: the learned statistics, as the paper")
+                        "models with dropout, off under DP-SGD); --no-eval-stats: the learned statistics, as the paper")
 
 # %% ../nbs/05_cli.ipynb #149e5dde
 def _add_run_args(p, d):

@@ -61,11 +61,12 @@ def _digits(out, **kw):
     return cli.train(model='mlp', epochs=1, batch_size=64, train_samples=256, out=out, progress=False, threads=1, **kw)
 
 
-def test_eval_stats_on_by_default_for_bln_only(tmp_path):
-    "BlN runs validate and save with eval-mode statistics unless told not to; other norms have none to measure"
-    on, off = _digits(tmp_path/'on'), _digits(tmp_path/'off', eval_stats=False)
+def test_eval_stats_on_by_default_for_bln_with_dropout(tmp_path):
+    "BlN runs with dropout validate and save with eval-mode statistics unless told not to; without dropout, or without BlN, not"
+    on, off = _digits(tmp_path/'on', dropout=0.25), _digits(tmp_path/'off', dropout=0.25, eval_stats=False)
     assert on['config']['eval_stats'] is True and off['config']['eval_stats'] is False
-    assert _digits(tmp_path/'gn', norm='gn')['config']['eval_stats'] is False
+    assert _digits(tmp_path/'no_dropout')['config']['eval_stats'] is False
+    assert _digits(tmp_path/'gn', norm='gn', dropout=0.25)['config']['eval_stats'] is False
     assert json.loads((tmp_path/'on'/'config.json').read_text())['eval_stats'] is True
     # the same training; only the saved statistics and what validation saw differ
     a, b = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('on', 'off'))

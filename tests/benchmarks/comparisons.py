@@ -70,7 +70,8 @@ def _order(row:dict) -> tuple:
     return (row['batch_size'], METHODS.index(row['method']) if row['method'] in METHODS else len(METHODS), row['method'], row['seed'])
 
 def collect(runs:Path, to:Path) -> int:
-    "Merge the finished cells of every sweep in `runs` into `to`: results.csv/.json, and cells/*/metrics.json cut to epochs"
+    "Merge the finished cells of every sweep in `runs` into `to`: results.csv/.json, cells/*/metrics.json cut to epochs, and
+    each cell's recalibrated.json (its test accuracy with eval-mode statistics, `small_batches_study.py --recalibrate`)"
     subs = []
     for sub in sorted(p for p in runs.glob('bs*-seed*') if p.is_dir()):
         s, rows = read_sweep(sub)
@@ -81,6 +82,7 @@ def collect(runs:Path, to:Path) -> int:
             dest = to/'cells'/src.parent.name/'metrics.json'
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(json.dumps(per_epoch(json.loads(src.read_text())), indent=1))
+            if (recal := src.parent/'recalibrated.json').is_file(): (dest.parent/recal.name).write_text(recal.read_text())
     if not subs: return 0
     common = {k: v for k, v in subs[0][0].items() if all(k in s and s[k] == v for s, _ in subs)}
     rows = [r | {k: v for k, v in s.items() if k not in common} for s, rs in subs for r in rs]  # e.g. train_samples at batch <= 2

@@ -70,8 +70,8 @@ def _order(row:dict) -> tuple:
     return (row['batch_size'], METHODS.index(row['method']) if row['method'] in METHODS else len(METHODS), row['method'], row['seed'])
 
 def collect(runs:Path, to:Path) -> int:
-    "Merge the finished cells of every sweep in `runs` into `to`: results.csv/.json, cells/*/metrics.json cut to epochs, and
-    each cell's recalibrated.json (its test accuracy with eval-mode statistics, `small_batches_study.py --recalibrate`)"
+    """Merge the finished cells of every sweep in `runs` into `to`: results.csv/.json, cells/*/metrics.json cut to epochs, and
+    each cell's recalibrated.json (its test accuracy with eval-mode statistics, `small_batches_study.py --recalibrate`)"""
     subs = []
     for sub in sorted(p for p in runs.glob('bs*-seed*') if p.is_dir()):
         s, rows = read_sweep(sub)

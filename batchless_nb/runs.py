@@ -167,7 +167,7 @@ def load_sweep(
     if missing: raise ValueError(f"expected sweep rows with columns {list(SWEEP_COLUMNS)} (missing {missing})")
     return df
 
-# %% ../nbs/04_runs.ipynb #f26e7d12
+# %% ../nbs/04_runs.ipynb #d72ac632
 SPREADS = ('std', 'range')
 
 def _method(r:dict) -> str: return r.get('method') or r['norm']
@@ -201,7 +201,7 @@ def seed_stats(
     out = {}
     for k, v in vals.items():
         mean = statistics.mean(v)
-        s = statistics.stdev(v) if len(v) > 1 else 0.
+        s = 0. if len(v) == 1 else statistics.stdev(v) if all(map(math.isfinite, v)) else math.nan  # a diverged seed: NaN
         out[k] = dict(mean=mean, lo=mean - s, hi=mean + s, n=len(v)) if spread == 'std' else dict(mean=mean, lo=min(v), hi=max(v), n=len(v))
     return out
 

@@ -254,7 +254,7 @@ def results_table(
         lines += [f"{n:{width}s}" + ''.join(f"{cells[n, b]:>{w}s}" for b in sizes) for n in norms]
     return '\n'.join(lines[1:])
 
-# %% ../nbs/04_runs.ipynb #2971b6d5
+# %% ../nbs/04_runs.ipynb #f2bdd99b
 def method_label(
     method:str, # A sweep's method: a norm name, or NORM/VARIANT[/...] such as 'bln-log/natural0.01' or 'bln-log/eval'
 ) -> str:
@@ -272,10 +272,12 @@ def markdown_table(
     spread:str='std', # See `seed_stats`
     digits:int=3, # Decimals
     labels:dict|None=None, # Row labels by method (default: `method_label`)
+    order:list|None=None, # Methods in the order of the rows (others after them; default: `method_order`)
 ) -> str:
     "A Markdown table method x batch size of `metric`: mean ± std (or [lowest, highest]) over seeds, ties with the best in bold"
     st, ties = seed_stats(rows, metric, spread), ties_with_best(rows, metric, spread)
     methods, sizes = method_order(_method(r) for r in rows), sorted({r['batch_size'] for r in rows})
+    if order: methods = [m for m in order if m in methods] + [m for m in methods if m not in order]
     def cell(m, b):
         s = st.get((m, b))
         if s is None: return '-'

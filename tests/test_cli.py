@@ -57,8 +57,8 @@ def test_sweep_resumes_inside_a_cell(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _digits(out, **kw):
-    return cli.train(model='mlp', epochs=1, batch_size=64, train_samples=256, out=out, progress=False, threads=1, **kw)
+def _digits(out, epochs=1, **kw):
+    return cli.train(model='mlp', epochs=epochs, batch_size=64, train_samples=256, out=out, progress=False, threads=1, **kw)
 
 
 def test_eval_stats_on_by_default_for_bln_with_dropout(tmp_path):
@@ -81,11 +81,10 @@ def test_a_run_resumes_with_its_own_eval_stats_setting(tmp_path):
     cfg = json.loads((tmp_path/'config.json').read_text())
     del cfg['eval_stats']
     (tmp_path/'config.json').write_text(json.dumps(cfg))
-    res = cli.train(model='mlp', epochs=2, batch_size=64, train_samples=256, out=tmp_path, progress=False, threads=1, resume=True)
+    res = _digits(tmp_path, epochs=2, resume=True)
     assert res['config']['eval_stats'] is False and len(res['history']['epochs']) == 2
     with pytest.raises(cli.RunDirError, match="eval_stats"):  # asked for explicitly: another setting than the run's
-        cli.train(model='mlp', epochs=3, batch_size=64, train_samples=256, out=tmp_path, progress=False, threads=1, resume=True,
-                  eval_stats=True)
+        _digits(tmp_path, epochs=3, resume=True, eval_stats=True)
 
 
 def test_eval_stats_refused_under_dp():

@@ -14,18 +14,16 @@ measures the package's default even where the CLI's own defaults differ). Times 
 run at batch 1, 60 s at 2, 200-300 s at 8, 150-200 s at 16 and 64, about 3 hours in all for 72 runs (1.5 hours
 with `--jobs 2` on two free cores).
 """
-import argparse, json, multiprocessing as mp
+import argparse, json, multiprocessing as mp, os, sys
 from pathlib import Path
 import pandas as pd
+sys.path.insert(0, os.path.dirname(__file__))
+from small_batches_study import protocol  # the study's fixed settings, beside this script
 
 NORMS = ['bln-log', 'gn', 'ln', 'bn', 'none']
 BATCH_SIZES = [1, 2, 8, 16, 64]
 SEEDS = [0, 1, 2]
 
-def protocol(dataset:str, batch_size:int, data_path:str|None) -> dict:
-    if dataset == 'digits': return dict(dataset='digits', valid='test', epochs=3, threads=1)
-    return dict(dataset='cifar10', model='paper_cnn', data_path=data_path, valid='test', epochs=3, init_passes=1, threads=1,
-                train_samples=2000 if batch_size <= 2 else None)
 
 def cells(datasets, norms=NORMS, batch_sizes=BATCH_SIZES, seeds=SEEDS) -> list[tuple]:
     "(dataset, norm, batch size, seed), the slow CIFAR-10 batch sizes last; batch norm skipped at batch size 1"

@@ -121,7 +121,7 @@ def _init_inputs(learn:Learner, data, n_samples:int):
         data = ds.tensors[0][:n_samples] if isinstance(ds, torch.utils.data.TensorDataset) else ds
     return data.to(model_dtype(learn.model)) if isinstance(data, Tensor) and data.is_floating_point() else data
 
-# %% ../nbs/03c_callbacks.ipynb #f474e6c8
+# %% ../nbs/03c_callbacks.ipynb #b492456f
 class EvalStats(Callback):
     "Validate, and end `fit`, with BlN statistics measured in eval mode (dropout off) on the first `n_samples` training inputs"
     def __init__(self,
@@ -132,9 +132,8 @@ class EvalStats(Callback):
 
     def _measure(self, learn):
         "Keep the learned statistics, then set those of the eval-mode activations"
-        layers = batchless_modules(learn.model)
-        if not layers: return
-        self.learned = {n: (m.mean.detach().clone(), m.std_parameter.detach().clone()) for n, m in layers.items()}
+        self.learned = {n: (m.mean.detach().clone(), m.std_parameter.detach().clone())
+                        for n, m in batchless_modules(learn.model).items()}
         init_batchless(learn.model, _init_inputs(learn, self.data, self.n_samples), n_samples=self.n_samples,
                        passes=self.passes, dropout=False)
 
@@ -148,5 +147,9 @@ class EvalStats(Callback):
 
     def before_validate(self, learn): self._measure(learn)
     def cleanup_validate(self, learn): self._restore(learn)  # also when validation raised
-    def before_fit(self, learn): self._restore(learn)  # a previous fit ended with the eval-mode statistics
+    def before_fit(self, learn):
+        if not batchless_modules(learn.model):
+            raise ValueError(f"EvalStats measures the statistics of BatchlessNorm layers (got a {type(learn.model).__name__} "
+                             "without any); leave it out for this model")
+        self._restore(learn)  # a previous fit ended with the eval-mode statistics
     def after_fit(self, learn): self._measure(learn)

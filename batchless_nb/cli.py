@@ -212,7 +212,7 @@ def _build_model(config:dict, data) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
-# %% ../nbs/05_cli.ipynb #368f8124
+# %% ../nbs/05_cli.ipynb #5e6a7267
 def train(
     dataset:str='digits', # One of `batchless_nb.data.DATASETS`
     model:str|None=None, # One of `batchless_nb.models.MODELS`; None: the dataset's default (`DEFAULT_MODELS`)
@@ -278,6 +278,8 @@ def train(
         set_seed(seed)
         net = _build_model(config, data)
         if config['eval_stats'] is None: config['eval_stats'] = _auto_eval_stats(config, net)
+        elif config['eval_stats'] and not batchless_modules(net):
+            raise ValueError(f"eval_stats measures the statistics of BlN layers; norm {config['norm']!r} has none: leave it off")
         learn = _learner(config)(net, dataloaders(data, batch_size=batch_size, seed=seed), stats_update=stats_update, stats_lr=stats_lr,
                                  stats_eta=stats_eta, cbs=_callbacks(config, net, len(data.train), out), lr=lr,
                                  micro_batch_size=micro_batch_size, device=dev, amp=amp, compile=compile,
@@ -315,7 +317,7 @@ def sweep_cells(norms:list, batch_sizes:list, seeds:list,
     return [dict(norm=n, batch_size=b, seed=s, **v) for b in batch_sizes for n in norms
             for v in _variants(n, stats_updates, stats_etas) for s in seeds if not (NORMS[n].batch_stats and b == 1)]
 
-# %% ../nbs/05_cli.ipynb #af90c18e
+# %% ../nbs/05_cli.ipynb #cc02c564
 def _finished_rows(out:Path, settings:dict) -> list[dict]:
     "The rows of the sweep already in `out`; refuses a sweep made with other settings"
     old, rows = read_sweep(out)
@@ -328,6 +330,7 @@ def _finished_rows(out:Path, settings:dict) -> list[dict]:
 def _run_cell(out:Path, settings:dict, cell:dict) -> dict:
     "Train (or resume) one cell of a sweep in its own run directory; its result row"
     run = {k: v for k, v in cell.items() if k != 'method'}
+    if NORMS[cell['norm']].std_param is None: run['eval_stats'] = None  # a setting of the BlN cells, as stats_update is
     res = train(**settings | run | {'out': cell_dir(out, cell), 'resume': True, 'progress': settings.get('progress', False)})
     return {'dataset': res['config']['dataset'], 'model': res['config']['model'], 'stats_update': None, 'stats_eta': None,
             **cell, **res['summary']}

@@ -87,6 +87,20 @@ def test_a_run_resumes_with_its_own_eval_stats_setting(tmp_path):
         _digits(tmp_path, epochs=3, resume=True, eval_stats=True)
 
 
+def test_eval_stats_refused_without_bln(tmp_path):
+    "Asked for on a model without BlN layers, it has nothing to measure: an error before anything is written"
+    with pytest.raises(ValueError, match="eval_stats measures the statistics of BlN layers; norm 'gn' has none"):
+        _digits(tmp_path/'gn', norm='gn', eval_stats=True)
+    assert not (tmp_path/'gn').exists() or not any((tmp_path/'gn').iterdir())
+
+
+def test_sweep_eval_stats_applies_to_its_bln_cells(tmp_path):
+    cli.sweep(out=tmp_path, norms=['gn', 'bln-log'], batch_sizes=[64], seeds=[0], epochs=1, model='mlp', dropout=0.25,
+              train_samples=256, eval_stats=True)
+    cfg = lambda n: json.loads((tmp_path/'cells'/f'{n}-bs64-seed0'/'config.json').read_text())['eval_stats']
+    assert (cfg('gn'), cfg('bln-log')) == (False, True)
+
+
 def test_eval_stats_refused_under_dp():
     pytest.importorskip('opacus')
     with pytest.raises(ValueError, match="eval-mode statistics are measured on the private training data"):

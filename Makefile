@@ -33,8 +33,9 @@ check-export: $(STAMP)
 test-nbs: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 
+# The venv's bin first on PATH: torch builds the C++ kernel (tests/test_kernel.py) with the ninja the venv installs.
 test-py: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
+	PATH="$(abspath $(BIN)):$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

@@ -4,7 +4,7 @@ from structure import cycles, graph
 
 ROOT = Path(__file__).parent.parent
 # The order modules may import in: each only from modules before it (optional ones included where they exist)
-ORDER = ['core', 'norm', 'moments', 'init', 'natural', 'convert', 'online', 'dp', 'registry', 'data', 'models', 'resume',
+ORDER = ['core', 'kernel', 'norm', 'moments', 'init', 'natural', 'convert', 'online', 'dp', 'registry', 'data', 'models', 'resume',
          'distributed', 'learner', 'callbacks', 'track', 'private', 'runs', 'viz', 'explore', 'cli', 'stats']
 
 

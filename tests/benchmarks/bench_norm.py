@@ -6,7 +6,8 @@ printed: the bytes autograd saves for backward (distinct storages packed by save
 forward) and the aten ops of one step (dispatched below autograd, see bench_step.count_ops). Variants:
 identity (x * 1, the floor of a layer call), GN (nn.GroupNorm(32, C)), BN (nn.BatchNorm2d), BlN
 (BatchlessNorm2d), reference (batchless_norm_reference, the elementwise definition), and with --baseline PATH
-the BlN layer of another checkout's batchless_nb/norm.py.
+the BlN layer of another checkout's batchless_nb/norm.py, and with --cpp-kernel BlN with the opt-in C++ kernel
+(BlN+cpp, `batchless_nb.kernel.use_cpp_kernel`).
 
 --compile compiles every variant with torch.compile. On a machine with CUDA the GPU figures follow the CPU ones
 (--device to choose one). --clock cpu times this process's CPU time (steadier on a shared machine).
@@ -15,7 +16,7 @@ Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_norm.py [--shape 64 64 32 3
 import argparse, os, sys, warnings
 import torch, torch.nn as nn
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_step import OpCounter, load_baseline
+from bench_step import OpCounter, load_baseline, with_cpp_kernel
 from timing import medians
 from batchless_nb.norm import BatchlessNorm2d, batchless_norm_reference
 
@@ -31,7 +32,7 @@ def saved_bytes(step):
     return sum(seen.values())
 
 
-def make_steps(shape, device, std_param='log', compile=False, baseline=None):
+def make_steps(shape, device, std_param='log', compile=False, baseline=None, cpp_kernel=False):
     C = shape[1]
     x = torch.randn(*shape, device=device).mul_(2).add_(1).requires_grad_()
     g = torch.randn(*shape, device=device)
@@ -39,6 +40,7 @@ def make_steps(shape, device, std_param='log', compile=False, baseline=None):
     layers = {'identity': None, 'GN': nn.GroupNorm(min(32, C), C), 'BN': nn.BatchNorm2d(C),
               'BlN': BatchlessNorm2d(C, std_param=std_param), 'reference': BatchlessNorm2d(C, std_param=std_param)}
     if baseline is not None: layers['BlN@baseline'] = baseline.BatchlessNorm2d(C, std_param=std_param)
+    if cpp_kernel: layers['BlN+cpp'] = BatchlessNorm2d(C, std_param=std_param)
     steps = {}
     for k, layer in layers.items():
         if layer is not None: layer.to(device)
@@ -54,7 +56,7 @@ def make_steps(shape, device, std_param='log', compile=False, baseline=None):
             outs = list(out) if ref else [out] + ([layer.nll] if bln else [])
             if backward: torch.autograd.backward(outs, [g, one][:len(outs)])
             return outs[0]
-        steps[k] = step
+        steps[k] = with_cpp_kernel(step) if k == 'BlN+cpp' else step
     return steps
 
 
@@ -64,7 +66,7 @@ def run(a, device):
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for shape in a.shape:
         torch.manual_seed(0)
-        steps = make_steps(shape, device, a.std_param, a.compile, base)
+        steps = make_steps(shape, device, a.std_param, a.compile, base, a.cpp_kernel and device.type == 'cpu')
         med = medians(steps, a.repeats, device, a.clock, warmup=3)
         mem = {k: saved_bytes(f) for k, f in steps.items()}
         ops = {}
@@ -91,6 +93,7 @@ def main():
     p.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     p.add_argument('--device', choices=['cpu', 'cuda'], help='default: cpu, and cuda too when available')
     p.add_argument('--baseline', help="another checkout's batchless_nb/norm.py, timed as an extra variant")
+    p.add_argument('--cpp-kernel', action='store_true', help='also BlN with the C++ kernel (CPU; built on first use)')
     a = p.parse_args()
     a.shape = a.shape or [[64, 64, 32, 32]]
     torch.set_num_threads(a.threads)

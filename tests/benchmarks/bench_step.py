@@ -11,9 +11,10 @@ aten:: event of torch's profiler (nested calls and allocations included).
 
 --compile compiles each model with torch.compile (default inductor) before timing. On a machine with CUDA the
 figures are printed for the GPU too (--device cpu or cuda to choose one). --baseline PATH adds the BlN layer of
-another checkout (its batchless_nb/norm.py) as a variant, to compare implementations side by side.
+another checkout (its batchless_nb/norm.py) as a variant, to compare implementations side by side. --cpp-kernel adds
+BlN with the opt-in C++ kernel (`batchless_nb.kernel.use_cpp_kernel`, built on first use) as a variant.
 
-Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_step.py [--batch 1 8] [--repeats 50] [--compile] [--foreach]
+Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_step.py [--batch 1 8] [--repeats 50] [--compile] [--foreach] [--cpp-kernel]
 """
 import argparse, collections, importlib.util, os, sys
 import torch, torch.nn.functional as F
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from batchless_nb.core import set_seed
 from batchless_nb.models import paper_cnn
 from batchless_nb.norm import BatchlessNorm, batchless_loss
+from batchless_nb.kernel import use_cpp_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import medians  # tests/benchmarks/timing.py, beside this script
 
@@ -82,6 +84,13 @@ def make_step(norm, batch, device, foreach=None, compile=False, dropout=0.25, ba
     return step
 
 
+def with_cpp_kernel(step):
+    "`step` with the C++ kernel on, and off again after it (the other variants run torch's path)"
+    def run(*args, **kwargs):
+        with use_cpp_kernel(): return step(*args, **kwargs)
+    return run
+
+
 def run(a, device):
     base = load_baseline(a.baseline) if a.baseline else None
     print(f"\n== device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, Adam foreach={a.foreach}, "
@@ -91,6 +100,7 @@ def run(a, device):
         mk = lambda n, **kw: make_step(n, batch, device, a.foreach, a.compile, a.dropout, dropout_mode=a.dropout_mode, **kw)
         steps = {n: mk(n) for n in norms}
         if base is not None: steps['bln-log@baseline'] = mk('bln-log', baseline=base)
+        if a.cpp_kernel and device.type == 'cpu': steps['bln-log+cpp'] = with_cpp_kernel(mk('bln-log'))
         med = medians(steps, a.repeats, device, a.clock, warmup=3)
         ops = {} if a.compile else {k: count_ops(s) for k, s in steps.items()}
         print(f"batch {batch}:")
@@ -118,6 +128,7 @@ def main():
                    help="CPU timings: wall time, or this process's CPU time (steadier on a shared machine)")
     p.add_argument('--device', choices=['cpu', 'cuda'], help='default: cpu, and cuda too when available')
     p.add_argument('--baseline', help="another checkout's batchless_nb/norm.py, timed as an extra variant")
+    p.add_argument('--cpp-kernel', action='store_true', help='also BlN with the C++ kernel (CPU; built on first use)')
     a = p.parse_args()
     a.foreach = True if a.foreach else None
     torch.set_num_threads(a.threads)

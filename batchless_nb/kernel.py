@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['KERNEL_ROWS', 'use_cpp_kernel', 'cpp_kernel_enabled', 'kernel_applies', 'batchless_train_cpp']
+__all__ = ['KERNEL_ROWS', 'build_cpp_kernel', 'use_cpp_kernel', 'cpp_kernel_enabled', 'kernel_applies', 'batchless_train_cpp']
 
 # %% ../nbs/01g_kernel.ipynb #779d4b18
 _SOURCE = r"""
@@ -171,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor, bool> batchless_train(Tensor x, Tensor mu, Te
 }
 """
 
-# %% ../nbs/01g_kernel.ipynb #3a2b06d0
+# %% ../nbs/01g_kernel.ipynb #9bfd898a
 _STATE = {'module': None, 'enabled': False}
 # vectorize the sums (reordering them), and keep inf and NaN as IEEE has them (no -ffast-math)
 _CFLAGS = ['-O3', '-fassociative-math', '-fno-signed-zeros', '-fno-trapping-math']
@@ -187,6 +187,10 @@ def _built():
             raise RuntimeError("use_cpp_kernel builds a C++ kernel on first use and needs a C++ compiler and ninja "
                                f"(pip install ninja); the build failed: {e}") from e
     return _STATE['module']
+
+def build_cpp_kernel():
+    "Build the kernel now (or load torch's cached build), e.g. before starting processes; a RuntimeError if it cannot be built"
+    _built()
 
 class use_cpp_kernel:
     "Train BatchlessNorm layers on the CPU with the fused C++ kernel (True) or torch's ops (False, the default)"

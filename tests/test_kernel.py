@@ -77,6 +77,20 @@ def test_float32_far_from_zero_matches_float64_on_the_same_values(calls, std_par
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize('std_param', STD)
+@pytest.mark.parametrize('affine', [True, False])
+def test_gradcheck_float64(calls, std_param, affine):
+    "First-order gradients against finite differences: the output's for x, gamma, beta; the NLL's for mu and sigma"
+    x, (mean, p, w, b), _ = _inputs((3, 4, 2, 3), 1, affine, std_param)
+    kw = dict(std_param=std_param, gauge=False)  # the gauge subtracts sg(log sigma), which a finite difference sees
+    out_fn = lambda x, *wb: batchless_norm(x, mean.detach(), p.detach(), *(wb or (None, None)), **kw)[0]
+    nll_fn = lambda m, s: batchless_norm(x.detach(), m, s, w, b, **kw)[1]
+    with use_cpp_kernel():
+        assert torch.autograd.gradcheck(out_fn, (x, w, b) if affine else (x,))
+        assert torch.autograd.gradcheck(nll_fn, (mean, p))
+    assert calls['kernel'] > 0
+
+
 def test_training_steps_of_the_paper_cnn_match_torch_path(calls):
     "Three Adam steps of the paper CNN in float64 (dropout off): the same parameters with the kernel as without"
     def train(cpp):

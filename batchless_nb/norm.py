@@ -347,7 +347,7 @@ def _check_input(self:BatchlessNorm, input:Tensor):
         raise ValueError(f"expected at least one value per channel in training (got an empty batch of shape "
                          f"{tuple(input.shape)}); skip empty batches, or call .eval() to normalize them")
 
-# %% ../nbs/01_norm.ipynb #0f1467f6
+# %% ../nbs/01_norm.ipynb #43f4582c
 @patch(as_prop=True)
 def nll(self:BatchlessNorm) -> Tensor|None:
     "NLL term of the last training forward (None after an eval forward)"
@@ -355,7 +355,7 @@ def nll(self:BatchlessNorm) -> Tensor|None:
 
 @patch
 def _mark_used(self:BatchlessNorm, grad:Tensor|None):
-    if grad is not None: self._nll_used = True  # None: a backward ran through the output alone
+    if grad is not None: self.__dict__['_nll_used'] = True  # None: a backward ran through the output alone
 
 @patch
 def forward(self:BatchlessNorm, input:Tensor) -> Tensor:

@@ -5,15 +5,17 @@ Activations x = offset + scale * z (z standard normal, 16x4x8x8, float32); the l
 batchless_norm_reference in float64 on x, mu, sigma, gamma, beta cast from their float32 values, so the table
 shows what the float32 computation loses, not what float32 storage loses. Columns: the output's max error in
 units of its standard deviation, and the max relative errors of the NLL and of its gradients for the mean and
-log sigma. --baseline PATH adds the rows of another checkout's batchless_nb/norm.py.
+log sigma. --baseline PATH adds the rows of another checkout's batchless_nb/norm.py, --cpp-kernel those of the opt-in
+C++ kernel (`batchless_nb.kernel.use_cpp_kernel`).
 
-Run: python tests/benchmarks/bench_precision.py [--baseline PATH]
+Run: python tests/benchmarks/bench_precision.py [--baseline PATH] [--cpp-kernel]
 """
 import argparse, os, sys
 import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_step import load_baseline
 import batchless_nb.norm as norm
+from batchless_nb.kernel import use_cpp_kernel
 
 
 def errors(mod, offset, scale, seed=0):
@@ -34,13 +36,14 @@ def errors(mod, offset, scale, seed=0):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--baseline', help="another checkout's batchless_nb/norm.py, for a before/after table")
+    p.add_argument('--cpp-kernel', action='store_true', help='also the rows of the C++ kernel (built on first use)')
     a = p.parse_args()
-    mods = {'this': norm} | ({'baseline': load_baseline(a.baseline)} if a.baseline else {})
+    mods = {'this': norm} | ({'baseline': load_baseline(a.baseline)} if a.baseline else {}) | ({'cpp': norm} if a.cpp_kernel else {})
     print(f"{'impl':9s} {'offset':>7s} {'scale':>6s} {'out (std units)':>16s} {'NLL rel':>9s} {'dNLL/dmean':>11s} {'dNLL/dlogstd':>13s}")
     for offset in (0., 1e2, 1e3, 1e4):
         for scale in (1., 1e-2, 1e-3):
             for name, mod in mods.items():
-                e = errors(mod, offset, scale)
+                with use_cpp_kernel(name == 'cpp'): e = errors(mod, offset, scale)
                 print(f"{name:9s} {offset:7.0e} {scale:6.0e} {e[0]:16.1e} {e[1]:9.1e} {e[2]:11.1e} {e[3]:13.1e}")
 
 

@@ -130,7 +130,7 @@ def check_cpp_kernel(
     build_cpp_kernel()
     return config
 
-# %% ../nbs/05_cli.ipynb #a86539d2
+# %% ../nbs/05_cli.ipynb #c5395ca1
 class RunDirError(ValueError):
     "An output directory that cannot take this run: not writable, holding another run, or nothing to resume"
 
@@ -144,12 +144,16 @@ def _check_writable(out:Path):
     try: tempfile.TemporaryFile(dir=d).close()
     except OSError as e: raise RunDirError(f"cannot write to {out}: {e.strerror or e} in {d}; choose a writable out directory") from None
 
+def _saved_config(out:Path) -> dict|None:
+    "The settings of the run saved in `out` (None: no config.json), with those it ran before an option existed"
+    f = out/'config.json'
+    return _BEFORE_OPTIONS | json.loads(f.read_text()) if f.is_file() else None
+
 def _check_resumable(out:Path, config:dict):
     "Refuse to resume a run in `out` that was made with different settings"
-    if not (out/'config.json').is_file():
+    old = _saved_config(out)
+    if old is None:
         raise RunDirError(f"{out} holds a checkpoint but no config.json to check this run's settings against; use another out directory")
-    old = json.loads((out/'config.json').read_text())
-    old = _BEFORE_OPTIONS | old  # a run made before an option existed ran as these say
     if old.get('stats_update') == 'paper': old['stats_eta'] = None  # no moving average: runs before 'samples' stored 0.1, unused
     diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
     if diff: raise RunDirError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
@@ -191,12 +195,12 @@ def _num_threads(n:int|None):
     try: yield
     finally: torch.set_num_threads(old)
 
-# %% ../nbs/05_cli.ipynb #ae33460e
+# %% ../nbs/05_cli.ipynb #52f39514
 def _resumed_eval_stats(config:dict, out:Path|None) -> bool|None:
     "`eval_stats` as given, or else a resumed run's own setting (None: neither, see `_auto_eval_stats`)"
     if config['eval_stats'] is not None: return config['eval_stats']
-    old = None if out is None or not config['resume'] else out/'config.json'
-    return (_BEFORE_OPTIONS | json.loads(old.read_text()))['eval_stats'] if old is not None and old.is_file() else None
+    old = None if out is None or not config['resume'] else _saved_config(out)
+    return None if old is None else old['eval_stats']
 
 def _auto_eval_stats(config:dict, net:nn.Module) -> bool:
     "On for a model with BlN layers and active dropout (whose activations differ in eval mode), outside DP-SGD"

@@ -114,6 +114,19 @@ def test_cpp_kernel_trains_as_torchs_path(tmp_path):
     assert (cfg('gn'), cfg('bln-log')) == (False, True)
 
 
+def test_cpp_kernel_under_dp_sgd_trains_as_torchs_path(tmp_path, monkeypatch):
+    "Opacus's per-sample gradients from the kernel's layers: the same DP-SGD run (float64) as with torch's ops"
+    pytest.importorskip('opacus')
+    import batchless_nb.norm as norm_mod
+    calls, kernel = [], norm_mod.batchless_train_cpp
+    monkeypatch.setattr(norm_mod, 'batchless_train_cpp', lambda *a: calls.append(1) or kernel(*a))
+    runs = [_digits(tmp_path/str(k), dtype='float64', dp_noise=1.0, cpp_kernel=k, track_stats=False) for k in (False, True)]
+    assert runs[0]['summary']['final_val_loss'] == pytest.approx(runs[1]['summary']['final_val_loss'], abs=1e-12)
+    wa, wb = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('False', 'True'))
+    for k in wa: torch.testing.assert_close(wb[k], wa[k], rtol=1e-10, atol=1e-12, msg=k)
+    assert calls  # the kernel ran the second run's layers
+
+
 def test_cpp_kernel_refused_where_it_would_not_run(tmp_path):
     with pytest.raises(ValueError, match="norm 'gn' has none"): _digits(tmp_path/'gn', norm='gn', cpp_kernel=True)
     with pytest.raises(ValueError, match="does not run under amp"): _digits(tmp_path/'amp', amp='bf16', cpp_kernel=True)

@@ -101,13 +101,17 @@ def test_sweep_eval_stats_applies_to_its_bln_cells(tmp_path):
     assert (cfg('gn'), cfg('bln-log')) == (False, True)
 
 
-def test_cpp_kernel_trains_as_torchs_path(tmp_path):
+def test_cpp_kernel_trains_as_torchs_path(tmp_path, monkeypatch):
     "A run with the C++ kernel (float64) ends where the run without it does; in a sweep it is a setting of the BlN cells"
+    import batchless_nb.norm as norm_mod
+    calls, kernel = [], norm_mod.batchless_train_cpp
+    monkeypatch.setattr(norm_mod, 'batchless_train_cpp', lambda *a: calls.append(1) or kernel(*a))
     a, b = (_digits(tmp_path/d, dtype='float64', cpp_kernel=k) for d, k in (('torch', False), ('cpp', True)))
     assert b['config']['cpp_kernel'] is True
     assert abs(a['summary']['final_val_loss'] - b['summary']['final_val_loss']) < 1e-9
     wa, wb = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('torch', 'cpp'))
     for k in wa: torch.testing.assert_close(wb[k], wa[k], rtol=1e-8, atol=1e-10, msg=k)
+    assert calls  # the kernel ran the second run's layers
     cli.sweep(out=tmp_path/'sweep', norms=['gn', 'bln-log'], batch_sizes=[64], seeds=[0], epochs=1, model='mlp',
               train_samples=128, cpp_kernel=True)
     cfg = lambda n: json.loads((tmp_path/'sweep'/'cells'/f'{n}-bs64-seed0'/'config.json').read_text())['cpp_kernel']

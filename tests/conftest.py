@@ -15,6 +15,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    "A list that grows by one for every training forward the C++ kernel runs (batchless_nb.kernel)"
+    import batchless_nb.norm as norm_mod
+    calls, kernel = [], norm_mod.batchless_train_cpp
+    monkeypatch.setattr(norm_mod, 'batchless_train_cpp', lambda *args: calls.append(1) or kernel(*args))
+    return calls
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

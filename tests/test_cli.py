@@ -101,34 +101,28 @@ def test_sweep_eval_stats_applies_to_its_bln_cells(tmp_path):
     assert (cfg('gn'), cfg('bln-log')) == (False, True)
 
 
-def test_cpp_kernel_trains_as_torchs_path(tmp_path, monkeypatch):
+def test_cpp_kernel_trains_as_torchs_path(tmp_path, kernel_calls):
     "A run with the C++ kernel (float64) ends where the run without it does; in a sweep it is a setting of the BlN cells"
-    import batchless_nb.norm as norm_mod
-    calls, kernel = [], norm_mod.batchless_train_cpp
-    monkeypatch.setattr(norm_mod, 'batchless_train_cpp', lambda *a: calls.append(1) or kernel(*a))
     a, b = (_digits(tmp_path/d, dtype='float64', cpp_kernel=k) for d, k in (('torch', False), ('cpp', True)))
     assert b['config']['cpp_kernel'] is True
     assert abs(a['summary']['final_val_loss'] - b['summary']['final_val_loss']) < 1e-9
     wa, wb = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('torch', 'cpp'))
     for k in wa: torch.testing.assert_close(wb[k], wa[k], rtol=1e-8, atol=1e-10, msg=k)
-    assert calls  # the kernel ran the second run's layers
+    assert kernel_calls  # the kernel ran the second run's layers
     cli.sweep(out=tmp_path/'sweep', norms=['gn', 'bln-log'], batch_sizes=[64], seeds=[0], epochs=1, model='mlp',
               train_samples=128, cpp_kernel=True)
     cfg = lambda n: json.loads((tmp_path/'sweep'/'cells'/f'{n}-bs64-seed0'/'config.json').read_text())['cpp_kernel']
     assert (cfg('gn'), cfg('bln-log')) == (False, True)
 
 
-def test_cpp_kernel_under_dp_sgd_trains_as_torchs_path(tmp_path, monkeypatch):
+def test_cpp_kernel_under_dp_sgd_trains_as_torchs_path(tmp_path, kernel_calls):
     "Opacus's per-sample gradients from the kernel's layers: the same DP-SGD run (float64) as with torch's ops"
     pytest.importorskip('opacus')
-    import batchless_nb.norm as norm_mod
-    calls, kernel = [], norm_mod.batchless_train_cpp
-    monkeypatch.setattr(norm_mod, 'batchless_train_cpp', lambda *a: calls.append(1) or kernel(*a))
     runs = [_digits(tmp_path/str(k), dtype='float64', dp_noise=1.0, cpp_kernel=k, track_stats=False) for k in (False, True)]
     assert runs[0]['summary']['final_val_loss'] == pytest.approx(runs[1]['summary']['final_val_loss'], abs=1e-12)
     wa, wb = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('False', 'True'))
     for k in wa: torch.testing.assert_close(wb[k], wa[k], rtol=1e-10, atol=1e-12, msg=k)
-    assert calls  # the kernel ran the second run's layers
+    assert kernel_calls  # the kernel ran the second run's layers
 
 
 def test_cpp_kernel_refused_where_it_would_not_run(tmp_path):

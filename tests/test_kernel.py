@@ -1,13 +1,13 @@
 """The opt-in C++ kernel (`use_cpp_kernel`): the same outputs, NLL and gradients as torch's path and the plain
 reference for every option, float32 precision far from zero, whole training steps, where it steps aside, its errors,
 and the aten ops a layer step dispatches with it. The first test builds the kernel (about a minute, then cached)."""
-import collections, math
+import math
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 import batchless_nb.kernel as kernel
 from batchless_nb.kernel import use_cpp_kernel, cpp_kernel_enabled
 from batchless_nb.norm import *
 from batchless_nb.models import paper_cnn
+from test_fused import _Count, _step_ops, pinned  # the op counter and pin of the other op-count tests
 
 STD = list(STD_PARAMS)
 pytestmark = [pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning'), pytest.mark.usefixtures('one_thread')]
@@ -173,16 +173,7 @@ def test_switch_is_a_call_and_a_block_and_a_failed_build_changes_nothing(monkeyp
     assert not cpp_kernel_enabled()
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.skipif(not torch.__version__.startswith('2.13.'), reason="op counts are pinned for torch 2.13")
+@pinned
 def test_aten_ops_of_one_layer_step():
     "One BatchlessNorm2d step (forward, NLL, backward of both) with the kernel: 13 aten ops, 8 of them allocations"
     x = torch.randn(2, 8, 4, 4, requires_grad=True)
@@ -200,10 +191,9 @@ def test_aten_ops_of_one_layer_step():
     assert sum(bn.values()) == 7, bn
 
 
-@pytest.mark.skipif(not torch.__version__.startswith('2.13.'), reason="op counts are pinned for torch 2.13")
+@pinned
 def test_aten_ops_per_paper_cnn_step():
     """The paper CNN's Adam step with the kernel (test_fused.py counts the others: BN 332, and 187 with foreach). The rest of
     the gap to batch norm is Adam's work on BlN's 2 extra parameter tensors per layer and the NLL terms' sum"""
-    from test_fused import _step_ops
     with use_cpp_kernel(): counts = _step_ops('bln-log'), _step_ops('bln-log', foreach=True)
     assert counts == (459, 244), counts

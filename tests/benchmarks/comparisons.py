@@ -71,7 +71,8 @@ def _order(row:dict) -> tuple:
 
 def collect(runs:Path, to:Path) -> int:
     """Merge the finished cells of every sweep in `runs` into `to`: results.csv/.json, cells/*/metrics.json cut to epochs, and
-    each cell's recalibrated.json (its test accuracy with eval-mode statistics, `small_batches_study.py --recalibrate`)"""
+    each cell's recalibrated.json (its test accuracy with eval-mode statistics, `small_batches_study.py --recalibrate`).
+    The cells collected into `to` before stay, unless a sweep in `runs` has the same (method, batch size, seed)"""
     subs = []
     for sub in sorted(p for p in runs.glob('bs*-seed*') if p.is_dir()):
         s, rows = read_sweep(sub)
@@ -83,6 +84,10 @@ def collect(runs:Path, to:Path) -> int:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(json.dumps(per_epoch(json.loads(src.read_text())), indent=1))
             if (recal := src.parent/'recalibrated.json').is_file(): (dest.parent/recal.name).write_text(recal.read_text())
+    key = lambda row: (row['method'], row['batch_size'], row['seed'])
+    fresh = {key(r) for _, rs in subs for r in rs}
+    before, old = read_sweep(to)
+    if before is not None: subs.append((before, [r for r in old if key(r) not in fresh]))
     if not subs: return 0
     common = {k: v for k, v in subs[0][0].items() if all(k in s and s[k] == v for s, _ in subs)}
     rows = [r | {k: v for k, v in s.items() if k not in common} for s, rs in subs for r in rs]  # e.g. train_samples at batch <= 2

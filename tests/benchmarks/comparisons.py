@@ -44,7 +44,8 @@ def sweep_args(dataset:str, batch_size:int, seed:int, epochs:int, data_path:str|
     "The `batchless-nb sweep` arguments of one (dataset, batch size, seed), without --out; a CIFAR pilot trains on 2,000 images"
     bln = ['--stats-update', *updates] + (['--stats-eta', '0.01'] if set(updates) - {'paper'} else [])
     args = DATASETS[dataset] + ['--valid', 'test', '--norms', *NORMS, *bln, '--batch-sizes', str(batch_size),
-                                '--seeds', str(seed), '--epochs', str(epochs), '--threads', '1', '--no-track-stats']
+                                '--seeds', str(seed), '--epochs', str(epochs), '--threads', '1', '--no-track-stats',
+                                '--no-eval-stats']  # BlN as trained; `small_batches_study.py --recalibrate` adds eval-mode statistics
     if dataset == 'cifar10':
         if not data_path: raise SystemExit("cifar10 needs --data-path (the CIFAR-10 archive cifar-10-python.tar.gz or its directory)")
         args += ['--data-path', data_path]

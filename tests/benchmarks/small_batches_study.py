@@ -75,10 +75,11 @@ def method_settings(name:str) -> tuple[dict, int|None]:
     return kw, oracle
 
 def protocol(dataset:str, batch_size:int, data_path:str|None, train_samples:int|None=None) -> dict:
-    "The study's fixed settings for `dataset` at `batch_size` (CIFAR-10: `train_samples` images, else 2,000 at batch 1-2, all at 8+)"
-    if dataset == 'digits': return dict(dataset='digits', valid='test', epochs=3, threads=1)
+    """The study's fixed settings for `dataset` at `batch_size` (CIFAR-10: `train_samples` images, else 2,000 at batch 1-2, all at 8+).
+    BlN runs are tested with the statistics as trained (`eval_stats` off, the paper's recipe); --recalibrate adds eval-mode ones"""
+    if dataset == 'digits': return dict(dataset='digits', valid='test', epochs=3, threads=1, eval_stats=False)
     return dict(dataset='cifar10', model='paper_cnn', data_path=data_path, valid='test', epochs=3, init_passes=1, threads=1,
-                train_samples=train_samples or (2000 if batch_size <= 2 else None))
+                train_samples=train_samples or (2000 if batch_size <= 2 else None), eval_stats=False)
 
 def run(out:Path, method:str, dataset:str, batch_size:int, seed:int, data_path:str|None=None, stats_every:int|None=None,
         train_samples:int|None=None):

@@ -24,8 +24,9 @@ from .runs import summarize, write_run, write_sweep, read_sweep, cell_key, cell_
 
 # %% auto #0
 __all__ = ['DEFAULT_MODELS', 'DTYPES', 'positive_int', 'positive_rate', 'open_fraction', 'dropout_rate', 'moving_weight',
-           'loss_bound', 'SETTING_CHECKS', 'PRESETS', 'DEMO', 'one_of', 'device_name', 'check_settings',
-           'check_private', 'check_cpp_kernel', 'RunDirError', 'train', 'sweep_cells', 'sweep', 'demo', 'main']
+           'loss_bound', 'SETTING_CHECKS', 'AUTO_STATS_UPDATE', 'PRESETS', 'DEMO', 'one_of', 'device_name',
+           'check_settings', 'check_private', 'check_cpp_kernel', 'RunDirError', 'train', 'sweep_cells', 'sweep',
+           'demo', 'main']
 
 # %% ../nbs/05_cli.ipynb #5308ae6d
 DEFAULT_MODELS = {'digits': 'digits_cnn', 'cifar10': 'paper_cnn', 'gaussian': 'mlp'}
@@ -130,7 +131,7 @@ def check_cpp_kernel(
     build_cpp_kernel()
     return config
 
-# %% ../nbs/05_cli.ipynb #c5395ca1
+# %% ../nbs/05_cli.ipynb #0d4602d7
 class RunDirError(ValueError):
     "An output directory that cannot take this run: not writable, holding another run, or nothing to resume"
 
@@ -147,14 +148,16 @@ def _check_writable(out:Path):
 def _saved_config(out:Path) -> dict|None:
     "The settings of the run saved in `out` (None: no config.json), with those it ran before an option existed"
     f = out/'config.json'
-    return _BEFORE_OPTIONS | json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file(): return None
+    old = _BEFORE_OPTIONS | json.loads(f.read_text())
+    if old.get('stats_update') == 'paper': old['stats_eta'] = None  # no moving average: runs before 'samples' stored 0.1, unused
+    return old
 
 def _check_resumable(out:Path, config:dict):
     "Refuse to resume a run in `out` that was made with different settings"
     old = _saved_config(out)
     if old is None:
         raise RunDirError(f"{out} holds a checkpoint but no config.json to check this run's settings against; use another out directory")
-    if old.get('stats_update') == 'paper': old['stats_eta'] = None  # no moving average: runs before 'samples' stored 0.1, unused
     diff = {k: (old.get(k), v) for k, v in config.items() if k not in _RESUMABLE and old.get(k) != v}
     if diff: raise RunDirError(f"{out} holds a run with other settings {{setting: (theirs, yours)}}: {diff}; "
                               "resume with the same settings or use another --out")
@@ -195,17 +198,30 @@ def _num_threads(n:int|None):
     try: yield
     finally: torch.set_num_threads(old)
 
-# %% ../nbs/05_cli.ipynb #52f39514
-def _resumed_eval_stats(config:dict, out:Path|None) -> bool|None:
-    "`eval_stats` as given, or else a resumed run's own setting (None: neither, see `_auto_eval_stats`)"
-    if config['eval_stats'] is not None: return config['eval_stats']
+# %% ../nbs/05_cli.ipynb #24f852cb
+def _resumed_choices(config:dict, out:Path|None) -> dict:
+    """`config` with `eval_stats` and the statistics update, where not given, taken from the run it resumes: a resumed run
+    keeps the choices `_auto_eval_stats` and `_auto_stats_update` made for it (those left None are made once the model is built)"""
     old = None if out is None or not config['resume'] else _saved_config(out)
-    return None if old is None else old['eval_stats']
+    if old is None: return config
+    keys = ['eval_stats'] + (['stats_update', 'stats_eta'] if config['stats_update'] is None else [])
+    return config | {k: old.get(k) for k in keys if config[k] is None}  # a config without them (no run yet): chosen afresh
 
 def _auto_eval_stats(config:dict, net:nn.Module) -> bool:
     "On for a model with BlN layers and active dropout (whose activations differ in eval mode), outside DP-SGD"
     dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
     return bool(batchless_modules(net)) and dropout and not _private(config)
+
+AUTO_STATS_UPDATE = dict(stats_update='natural', stats_eta=0.01)  # the update of runs with eval-mode statistics that name none
+
+def _auto_stats_update(config:dict) -> dict:
+    """The statistics update of a run that names none: `AUTO_STATS_UPDATE` (a moving average, eta per step) if it measures
+    eval-mode statistics, as BlN with dropout does by default; else 'paper' (Adam trains the statistics)"""
+    if config['eval_stats']: return AUTO_STATS_UPDATE | ({} if config['stats_eta'] is None else {'stats_eta': config['stats_eta']})
+    if config['stats_eta'] is not None:
+        raise ValueError(f"stats_eta={config['stats_eta']} weighs a moving average, but this run's statistics update is 'paper' "
+                         "(chosen as it has no eval-mode statistics); pass stats_update='natural' or 'samples' with it")
+    return dict(stats_update='paper', stats_eta=None)
 
 # %% ../nbs/05_cli.ipynb #76b7ef9f
 def _callbacks(config:dict, net:nn.Module, n_train:int, out:Path|None) -> list:
@@ -233,7 +249,7 @@ def _build_model(config:dict, data) -> nn.Module:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
-# %% ../nbs/05_cli.ipynb #e797903b
+# %% ../nbs/05_cli.ipynb #70e7ff3f
 def train(
     dataset:str='digits', # One of `batchless_nb.data.DATASETS`
     model:str|None=None, # One of `batchless_nb.models.MODELS`; None: the dataset's default (`DEFAULT_MODELS`)
@@ -243,7 +259,7 @@ def train(
     epochs:int=3, # Epochs in total (a resumed run trains only the missing ones)
     lr:float=1e-3, # Adam's learning rate
     stats_lr:float|None=None, # Learning rate of the BlN statistics with stats_update='paper'; None: `lr`
-    stats_update:str='paper', # 'paper': the statistics are trained by Adam; 'natural' / 'samples': moving averages (see `BatchlessTraining`)
+    stats_update:str|None=None, # 'paper': trained by Adam; 'natural' / 'samples': moving averages (`BatchlessTraining`); None: 'natural' (eta 0.01) with eval-mode statistics, else 'paper'; a resumed run's own
     stats_eta:float|None=None, # The moving average's weight of each batch ('natural') or sample ('samples'); None: `STATS_ETAS`
     train_samples:int|None=None, # Train on only the first this many training samples (e.g. for slow batch-1 runs); None: all
     seed:int=0, # Seed of the model's init, the data order and dropout
@@ -285,10 +301,10 @@ def train(
     config = {k: v for k, v in locals().items()}
     config['model'] = model = model or DEFAULT_MODELS.get(dataset)
     config['out'] = None if out is None else str(out)
-    config['stats_eta'] = stats_eta = STATS_ETAS.get(stats_update) if stats_eta is None else stats_eta
+    if stats_update is not None and stats_eta is None: config['stats_eta'] = STATS_ETAS.get(stats_update)
     check_cpp_kernel(check_private(check_settings(config)))
     out = None if out is None else Path(out)
-    config['eval_stats'] = _resumed_eval_stats(config, out)
+    config = _resumed_choices(config, out)
     ckpt = None if out is None else _prepare_out(out, resume, config)
     if out is not None and out.is_dir() and rank() == 0: remove_stale_temporaries(out)  # left by a run killed mid-write
     if micro_batch_size is not None: micro_batch_size = min(micro_batch_size, batch_size)
@@ -302,8 +318,9 @@ def train(
         if config['eval_stats'] is None: config['eval_stats'] = _auto_eval_stats(config, net)
         elif config['eval_stats'] and not batchless_modules(net):
             raise ValueError(f"eval_stats measures the statistics of BlN layers; norm {config['norm']!r} has none: leave it off")
-        learn = _learner(config)(net, dataloaders(data, batch_size=batch_size, seed=seed), stats_update=stats_update, stats_lr=stats_lr,
-                                 stats_eta=stats_eta, cbs=_callbacks(config, net, len(data.train), out), lr=lr,
+        if config['stats_update'] is None: config |= _auto_stats_update(config)
+        learn = _learner(config)(net, dataloaders(data, batch_size=batch_size, seed=seed), stats_update=config['stats_update'],
+                                 stats_lr=stats_lr, stats_eta=config['stats_eta'], cbs=_callbacks(config, net, len(data.train), out), lr=lr,
                                  micro_batch_size=micro_batch_size, device=dev, amp=amp, compile=compile,
                                  channels_last=channels_last, progress=progress, seed=seed)
         if ckpt is not None: learn.load(ckpt, fallback=False)  # the file `_prepare_out` verified
@@ -312,7 +329,7 @@ def train(
         if out is not None and rank() == 0: write_run(out, config, learn.history, learn.model)
     return {'config': config, 'summary': summarize(learn.history), 'history': learn.history}
 
-# %% ../nbs/05_cli.ipynb #f95da929
+# %% ../nbs/05_cli.ipynb #0a57b3b6
 PRESETS = {
     'digits': dict(dataset='digits', model='digits_cnn', norms=['none', 'bn', 'gn', 'ln', 'online', 'bln-abs', 'bln-log', 'bln-inv'],
                    batch_sizes=[1, 4, 16, 64], seeds=[0, 1, 2], epochs=5, threads=1),
@@ -321,25 +338,32 @@ PRESETS = {
                           valid_pct=0.2, init_samples=1000, init_passes=1, init_dropout=False, eval_stats=False),
 }
 def _variants(norm:str, stats_updates:list, stats_etas:list|None) -> list[dict]:
-    "How `norm`'s statistics learn in a sweep: one cell per update rule (x eta for the moving averages); nothing to vary without BlN"
+    """How `norm`'s statistics learn in a sweep: one cell per update rule (x eta for the moving averages); nothing to vary without
+    BlN. The rule None is `train`'s default (`_auto_stats_update`), the method named by the norm alone"""
     if NORMS[norm].std_param is None: return [dict(method=norm)]
     rules = [dict(stats_update=u) | ({} if e is None else {'stats_eta': e})
-             for u in stats_updates for e in ([None] if u == 'paper' else stats_etas or [STATS_ETAS[u]])]
+             for u in stats_updates for e in ([None] if u in (None, 'paper') else stats_etas or [STATS_ETAS[u]])]
     return [{'method': method_of({'norm': norm} | r)} | r for r in rules]
 
 def sweep_cells(norms:list, batch_sizes:list, seeds:list,
-                stats_updates:list=('paper',), # BlN cells: one per update rule...
+                stats_updates:list=(None,), # BlN cells: one per update rule (None: `train`'s default)...
                 stats_etas:list|None=None, # ...and per eta for 'natural' and 'samples' (None: each one's `STATS_ETAS`)
                ) -> list[dict]:
     "The cells of a sweep: batch size, then norm (and BlN update rule), then seed; batch-statistics norms left out at batch size 1"
-    bad = [u for u in stats_updates if u not in STATS_UPDATES]
+    bad = [u for u in stats_updates if u is not None and u not in STATS_UPDATES]
     if bad: raise ValueError(f"unknown stats updates {bad}; choose from {list(STATS_UPDATES)}")
+    if None in stats_updates and 'paper' in stats_updates:
+        raise ValueError("stats updates None (train's default) and 'paper' name the same cells, the norm alone; "
+                         "name each update to compare, e.g. ['paper', 'natural'] with stats_etas [0.01]")
+    if stats_etas and not set(stats_updates) & {'natural', 'samples'}:
+        raise ValueError(f"stats_etas {list(stats_etas)} weigh the moving averages, and stats_updates {list(stats_updates)} "
+                         "names none: add 'natural' or 'samples'")
     bad = [n for n in norms if n not in NORMS]
     if bad: raise ValueError(f"unknown norms {bad}; choose from {list(NORMS)}")
     return [dict(norm=n, batch_size=b, seed=s, **v) for b in batch_sizes for n in norms
             for v in _variants(n, stats_updates, stats_etas) for s in seeds if not (NORMS[n].batch_stats and b == 1)]
 
-# %% ../nbs/05_cli.ipynb #2e177cbf
+# %% ../nbs/05_cli.ipynb #aea7fff6
 def _finished_rows(out:Path, settings:dict) -> list[dict]:
     "The rows of the sweep already in `out`; refuses a sweep made with other settings"
     old, rows = read_sweep(out)
@@ -351,20 +375,20 @@ def _finished_rows(out:Path, settings:dict) -> list[dict]:
 
 def _run_cell(out:Path, settings:dict, cell:dict) -> dict:
     "Train (or resume) one cell of a sweep in its own run directory; its result row"
-    run = {k: v for k, v in cell.items() if k != 'method'}
-    if NORMS[cell['norm']].std_param is None: run |= {'eval_stats': None, 'cpp_kernel': False}  # settings of the BlN cells, as stats_update
+    run, bln = {k: v for k, v in cell.items() if k != 'method'}, NORMS[cell['norm']].std_param is not None
+    if not bln: run |= {'eval_stats': None, 'cpp_kernel': False}  # settings of the BlN cells, as stats_update
     res = train(**settings | run | {'out': cell_dir(out, cell), 'resume': True, 'progress': settings.get('progress', False)})
-    return {'dataset': res['config']['dataset'], 'model': res['config']['model'], 'stats_update': None, 'stats_eta': None,
-            **cell, **res['summary']}
+    update = {k: res['config'][k] if bln else None for k in ('stats_update', 'stats_eta')}  # as the run chose them
+    return {'dataset': res['config']['dataset'], 'model': res['config']['model'], **cell, **update, **res['summary']}
 
-# %% ../nbs/05_cli.ipynb #206cb865
+# %% ../nbs/05_cli.ipynb #26106817
 def sweep(
     out:str|Path='runs/sweep', # Directory for results.json, results.csv and cells/
     preset:str='digits', # One of `PRESETS`; the other arguments override its settings
     norms:list|None=None, # Normalizations to compare
     batch_sizes:list|None=None, # Effective batch sizes
     seeds:list|None=None, # Training seeds
-    stats_updates:list|None=None, # How BlN statistics learn (`STATS_UPDATES`); one cell per value for BlN norms
+    stats_updates:list|None=None, # How BlN statistics learn (`STATS_UPDATES`); one cell per value for BlN norms (None: `train`'s default)
     stats_etas:list|None=None, # Moving-average weights for 'natural' and 'samples'; one cell per value (None: `STATS_ETAS`)
     verbose:bool=True, # Print a line per cell and the tables at the end
     **kwargs, # Settings of `train` for every cell (epochs, lr, model, dataset, micro_batch_size, ...); None values ignored
@@ -374,7 +398,7 @@ def sweep(
     given = dict(norms=norms, batch_sizes=batch_sizes, seeds=seeds, stats_updates=stats_updates, stats_etas=stats_etas, **kwargs)
     settings = PRESETS[preset] | {k: v for k, v in given.items() if v is not None}
     grid = {k: settings.pop(k) for k in ('norms', 'batch_sizes', 'seeds')}
-    grid |= {k: settings.pop(k, d) for k, d in (('stats_updates', ['paper']), ('stats_etas', None))}
+    grid |= {k: settings.pop(k, d) for k, d in (('stats_updates', [None]), ('stats_etas', None))}
     check_settings(settings)
     for b in grid['batch_sizes']: check_settings({'batch_size': b})
     for e in grid['stats_etas'] or []: check_settings({'stats_eta': e})
@@ -417,7 +441,7 @@ def _plot(rows:list[dict], out:Path):
     plt.close(fig)
     print(f"figure: {out/'sweep.png'}")
 
-# %% ../nbs/05_cli.ipynb #a33b916a
+# %% ../nbs/05_cli.ipynb #cc680a7e
 def _bool_or_backend(s:str) -> bool|str: return True if s.lower() in ('1', 'true', 'yes', 'inductor') else s
 
 def _add_data_args(p, d):
@@ -446,10 +470,12 @@ def _add_stats_args(p, d, sweep:bool):
     g.add_argument('--stats-lr', type=positive_rate, help="learning rate of the BlN statistics with --stats-update paper (default: --lr)")
     many = dict(nargs='+') if sweep else {}
     g.add_argument('--stats-update', dest='stats_updates' if sweep else 'stats_update', choices=list(STATS_UPDATES),
-                   default=None if sweep else 'paper', **many,
-                   help="how BlN statistics learn: 'paper' (by Adam), 'natural' (a moving average per step) or 'samples' (per sample)")
+                   default=None, **many,
+                   help="how BlN statistics learn: 'paper' (by Adam), 'natural' (a moving average per step) or 'samples' (per "
+                        "sample); default: natural with eta 0.01 where eval-mode statistics are on (BlN with dropout), else paper")
     g.add_argument('--stats-eta', dest='stats_etas' if sweep else 'stats_eta', type=moving_weight, default=None, **many,
-                   help="the moving average's weight of each batch (natural, default 0.1) or sample (samples, default 0.01)")
+                   help="the moving average's weight of each batch (natural, default 0.1; 0.01 when chosen by default) or "
+                        "sample (samples, default 0.01)")
     g.add_argument('--init', action=argparse.BooleanOptionalAction, default=None,
                    help='data-driven init of the BlN statistics (default: on for BlN models)')
     g.add_argument('--init-samples', type=positive_int, default=d(1000))
@@ -459,7 +485,8 @@ def _add_stats_args(p, d, sweep:bool):
                         "--no-init-dropout: without, as the paper")
     g.add_argument('--eval-stats', action=argparse.BooleanOptionalAction, default=None,
                    help="validate and save with BlN statistics measured in eval mode, dropout off (default: on for BlN "
-                        "models with dropout, off under DP-SGD); --no-eval-stats: the learned statistics, as the paper")
+                        "models with dropout, off under DP-SGD); --no-eval-stats: the learned statistics and, unless "
+                        "--stats-update says otherwise, the paper's update")
 
 # %% ../nbs/05_cli.ipynb #86e8de15
 def _add_run_args(p, d):

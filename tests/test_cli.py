@@ -63,7 +63,8 @@ def _digits(out, epochs=1, **kw):
 
 def test_eval_stats_on_by_default_for_bln_with_dropout(tmp_path):
     "BlN runs with dropout validate and save with eval-mode statistics unless told not to; without dropout, or without BlN, not"
-    on, off = _digits(tmp_path/'on', dropout=0.25), _digits(tmp_path/'off', dropout=0.25, eval_stats=False)
+    on = _digits(tmp_path/'on', dropout=0.25)
+    off = _digits(tmp_path/'off', dropout=0.25, eval_stats=False, **cli.AUTO_STATS_UPDATE)  # the update `on` chose
     assert on['config']['eval_stats'] is True and off['config']['eval_stats'] is False
     assert _digits(tmp_path/'no_dropout')['config']['eval_stats'] is False
     assert _digits(tmp_path/'gn', norm='gn', dropout=0.25)['config']['eval_stats'] is False
@@ -73,6 +74,52 @@ def test_eval_stats_on_by_default_for_bln_with_dropout(tmp_path):
     stats = {k for k in a if k.endswith(('.mean', '.log_std'))}
     assert stats and all(torch.equal(a[k], b[k]) for k in a if k not in stats)
     assert all(not torch.equal(a[k], b[k]) for k in stats)
+
+
+def test_stats_update_by_default_follows_eval_stats(tmp_path):
+    """Named by no one, the statistics update is the natural one at eta 0.01 where eval-mode statistics are on (BlN with
+    dropout), else the paper's: the same training as asking for it by name; a stats_eta without a moving average is refused"""
+    chosen = lambda r: (r['config']['stats_update'], r['config']['stats_eta'])
+    auto = _digits(tmp_path/'auto', dropout=0.25)
+    assert chosen(auto) == ('natural', 0.01) and auto['config']['eval_stats'] is True
+    named = _digits(tmp_path/'named', dropout=0.25, stats_update='natural', stats_eta=0.01)
+    a, b = (torch.load(tmp_path/d/'model.pt', weights_only=True) for d in ('auto', 'named'))
+    untimed = lambda r: [{k: v for k, v in e.items() if k not in ('time', 'peak_mem_mb')} for e in r['history']['epochs']]
+    assert all(torch.equal(a[k], b[k]) for k in a) and untimed(auto) == untimed(named)
+    assert chosen(_digits(tmp_path/'auto_eta', dropout=0.25, stats_eta=0.05)) == ('natural', 0.05)
+    assert chosen(_digits(tmp_path/'paper', dropout=0.25, stats_update='paper')) == ('paper', None)
+    assert chosen(_digits(tmp_path/'no_eval', dropout=0.25, eval_stats=False)) == ('paper', None)  # the paper's recipe
+    assert chosen(_digits(tmp_path/'no_dropout')) == ('paper', None)
+    assert chosen(_digits(tmp_path/'gn', norm='gn', dropout=0.25)) == ('paper', None)
+    with pytest.raises(ValueError, match=r"stats_eta=0.05 weighs a moving average, but this run's statistics update is 'paper'"):
+        _digits(tmp_path/'eta', stats_eta=0.05)
+    assert not (tmp_path/'eta').exists() or not any((tmp_path/'eta').iterdir())
+
+
+def test_a_run_resumes_with_its_own_stats_update(tmp_path):
+    "A resumed run keeps the update it was made with: the paper's (named, or the default of an older version) or the chosen one"
+    _digits(tmp_path/'paper', dropout=0.25, stats_update='paper')
+    res = _digits(tmp_path/'paper', epochs=2, dropout=0.25, resume=True)
+    assert (res['config']['stats_update'], res['config']['stats_eta'], res['config']['eval_stats']) == ('paper', None, True)
+    _digits(tmp_path/'auto', dropout=0.25)
+    res = _digits(tmp_path/'auto', epochs=2, dropout=0.25, resume=True)
+    assert (res['config']['stats_update'], res['config']['stats_eta'], len(res['history']['epochs'])) == ('natural', 0.01, 2)
+    with pytest.raises(cli.RunDirError, match="stats_update"):  # asked for explicitly: another setting than the run's
+        _digits(tmp_path/'auto', epochs=3, dropout=0.25, resume=True, stats_update='paper')
+
+
+def test_sweep_rows_name_the_update_each_bln_cell_ran(tmp_path):
+    "The default BlN cell is named by its norm and its row says which update it ran; a named update is a method of its own"
+    grid = dict(norms=['gn', 'bln-log'], batch_sizes=[64], seeds=[0], epochs=1, model='mlp', dropout=0.25, train_samples=128,
+                verbose=False)
+    rows = cli.sweep(out=tmp_path/'default', **grid)
+    assert [(r['method'], r['stats_update'], r['stats_eta']) for r in rows] == [('gn', None, None), ('bln-log', 'natural', 0.01)]
+    rows = cli.sweep(out=tmp_path/'named', stats_updates=['paper', 'samples'], **grid)
+    assert [(r['method'], r['stats_update'], r['stats_eta']) for r in rows] == [
+        ('gn', None, None), ('bln-log', 'paper', None), ('bln-log/samples0.01', 'samples', 0.01)]
+    with pytest.raises(ValueError, match="name the same cells"):
+        cli.sweep(out=tmp_path/'both', stats_updates=[None, 'paper'], **grid)
+    assert not (tmp_path/'both').exists()
 
 
 def test_a_run_resumes_with_its_own_eval_stats_setting(tmp_path):

@@ -96,6 +96,13 @@ def test_stats_update_by_default_follows_eval_stats(tmp_path):
     assert not (tmp_path/'eta').exists() or not any((tmp_path/'eta').iterdir())
 
 
+def test_dp_sgd_keeps_the_papers_update_with_dropout(tmp_path):
+    "Under DP-SGD no eval-mode statistics are measured (they would read the private data), so the update stays the paper's"
+    pytest.importorskip('opacus')
+    res = _digits(tmp_path, dropout=0.25, dp_noise=1.0, track_stats=False)
+    assert (res['config']['eval_stats'], res['config']['stats_update']) == (False, 'paper')
+
+
 def test_a_run_resumes_with_its_own_stats_update(tmp_path):
     "A resumed run keeps the update it was made with: the paper's (named, or the default of an older version) or the chosen one"
     _digits(tmp_path/'paper', dropout=0.25, stats_update='paper')

@@ -1,5 +1,6 @@
-"""The comparison table of the README: BlN with the package's default settings against GroupNorm, LayerNorm, batch
-norm and no normalization, at batch sizes 1, 2, 8, 16 and 64, 3 seeds, on the CIFAR-10 subset (the paper CNN,
+"""BlN with the package's default settings, trained as a user would train it, against GroupNorm, LayerNorm, batch
+norm and no normalization (the README's tables come from comparisons.py and small_batches_study.py, which test each
+BlN run both with its learned and with eval-mode statistics), at batch sizes 1, 2, 8, 16 and 64, 3 seeds, on the CIFAR-10 subset (the paper CNN,
 3 epochs, tested on the 2,000 test images; batch 1 and 2 train on the first 2,000 training images per epoch) and on
 digits (the digits CNN, 3 epochs, the 360 test digits). Resumable: rerun the same command to continue; finished
 runs are skipped, an interrupted one resumes from its checkpoint. Prints the table (test accuracy after the last

@@ -14,11 +14,29 @@ from .learner import Learner, Callback
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['STATS_UPDATES', 'STATS_ETAS', 'BatchlessTraining', 'batchless_learner', 'bln_callback', 'InitBatchless', 'EvalStats']
+__all__ = ['STATS_UPDATES', 'STATS_ETAS', 'check_stats_options', 'BatchlessTraining', 'batchless_learner', 'bln_callback',
+           'InitBatchless', 'EvalStats']
 
-# %% ../nbs/03c_callbacks.ipynb #9ddf024a
+# %% ../nbs/03c_callbacks.ipynb #175687a9
 STATS_UPDATES = ('paper', 'natural', 'samples')
 STATS_ETAS = {'natural': 0.1, 'samples': 0.01}  # the default eta of each rule: per step for 'natural', per sample for 'samples'
+
+def check_stats_options(
+    stats_update:str, # One of `STATS_UPDATES`
+    stats_lr:float|None=None, # Given for the paper's update only
+    stats_eta:float|None=None, # Given for the moving averages only
+    why:str='', # How the update was chosen, for the message (e.g. a run's automatic choice)
+):
+    "Raise if `stats_update` is unknown or an option is given that it does not use (it would be silently ignored)"
+    if stats_update not in STATS_UPDATES:
+        raise ValueError(f"stats_update must be one of {STATS_UPDATES} (got {stats_update!r})")
+    if stats_update == 'paper' and stats_eta is not None:
+        raise ValueError(f"stats_eta={stats_eta} weighs a moving average, but the statistics update is 'paper'{why} (Adam trains "
+                         "them, at stats_lr): pass stats_update='natural' or 'samples' with it, or leave stats_eta out")
+    if stats_update != 'paper' and stats_lr is not None:
+        raise ValueError(f"stats_lr={stats_lr} is the statistics' learning rate under the paper's update, but the update is "
+                         f"{stats_update!r}{why} (a moving average weighted by stats_eta): pass stats_update='paper' with it, "
+                         "or leave stats_lr out")
 
 class BatchlessTraining(Callback):
     "Add the BlN layers' NLL terms to the loss and update their statistics by `stats_update`"
@@ -28,8 +46,7 @@ class BatchlessTraining(Callback):
         stats_lr:float|None=None, # With 'paper': the statistics' learning rate (None: the optimizer's)
         stats_eta:float|None=None, # The moving average's weight of each batch ('natural') or sample ('samples'); None: `STATS_ETAS`
     ):
-        if stats_update not in STATS_UPDATES:
-            raise ValueError(f"stats_update must be one of {STATS_UPDATES} (got {stats_update!r})")
+        check_stats_options(stats_update, stats_lr, stats_eta)
         if stats_eta is None: stats_eta = STATS_ETAS.get(stats_update)
         self.stats_update, self.stats_lr, self.stats_eta, self.opt = stats_update, stats_lr, stats_eta, None
 

@@ -1,5 +1,5 @@
 "CLI: python -m entry point, and sweeps interrupted inside a cell resume to the same result."
-import json, subprocess, sys
+import contextlib, io, json, subprocess, sys
 import pytest
 import torch
 import batchless_nb.cli as cli
@@ -91,9 +91,25 @@ def test_stats_update_by_default_follows_eval_stats(tmp_path):
     assert chosen(_digits(tmp_path/'no_eval', dropout=0.25, eval_stats=False)) == ('paper', None)  # the paper's recipe
     assert chosen(_digits(tmp_path/'no_dropout')) == ('paper', None)
     assert chosen(_digits(tmp_path/'gn', norm='gn', dropout=0.25)) == ('paper', None)
-    with pytest.raises(ValueError, match=r"stats_eta=0.05 weighs a moving average, but this run's statistics update is 'paper'"):
+    with pytest.raises(ValueError, match=r"stats_eta=0.05 weighs a moving average, but the statistics update is 'paper' "
+                                         r"\(chosen as this run has no eval-mode statistics\)"):
         _digits(tmp_path/'eta', stats_eta=0.05)
     assert not (tmp_path/'eta').exists() or not any((tmp_path/'eta').iterdir())
+    with pytest.raises(ValueError, match=r"stats_lr=0.01 is the statistics' learning rate under the paper's update, but the "
+                                         r"update is 'natural' \(chosen as this run measures eval-mode statistics\)"):
+        _digits(tmp_path/'lr', dropout=0.25, stats_lr=1e-2)
+
+
+def test_options_the_named_update_does_not_use_are_refused(tmp_path):
+    "An eta with the paper's update, or a learning rate with a moving average, would be ignored: refused before anything is written"
+    with pytest.raises(ValueError, match=r"stats_eta=0.05 weighs a moving average, but the statistics update is 'paper' \(Adam"):
+        _digits(tmp_path/'eta', stats_update='paper', stats_eta=0.05)
+    with pytest.raises(ValueError, match=r"stats_lr=0.01 is the statistics' learning rate under the paper's update, but the update is 'samples'"):
+        _digits(tmp_path/'lr', stats_update='samples', stats_lr=1e-2)
+    assert not (tmp_path/'eta').exists() and not (tmp_path/'lr').exists()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        cli.main(["train", "--stats-update", "paper", "--stats-eta", "0.05", "--out", str(tmp_path/"cli")])
+    assert 'stats_eta=0.05 weighs a moving average' in err.getvalue() and not (tmp_path/'cli').exists()
 
 
 def test_dp_sgd_keeps_the_papers_update_with_dropout(tmp_path):

@@ -195,5 +195,5 @@ def test_aten_ops_of_one_layer_step():
 def test_aten_ops_per_paper_cnn_step():
     """The paper CNN's Adam step with the kernel (test_fused.py counts the others: BN 332, and 187 with foreach). The rest of
     the gap to batch norm is Adam's work on BlN's 2 extra parameter tensors per layer and the NLL terms' sum"""
-    with use_cpp_kernel(): counts = _step_ops('bln-log'), _step_ops('bln-log', foreach=True)
-    assert counts == (459, 244), counts
+    with use_cpp_kernel(): counts = [_step_ops('bln-log', foreach=f, natural=n) for n in (False, True) for f in (None, True)]
+    assert counts == [459, 244, 380, 235], counts  # Adam on the statistics, then the natural update (train's default with dropout)

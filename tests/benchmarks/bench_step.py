@@ -12,7 +12,9 @@ aten:: event of torch's profiler (nested calls and allocations included).
 --compile compiles each model with torch.compile (default inductor) before timing. On a machine with CUDA the
 figures are printed for the GPU too (--device cpu or cuda to choose one). --baseline PATH adds the BlN layer of
 another checkout (its batchless_nb/norm.py) as a variant, to compare implementations side by side. --cpp-kernel adds
-BlN with the opt-in C++ kernel (`batchless_nb.kernel.use_cpp_kernel`, built on first use) as a variant.
+BlN with the opt-in C++ kernel (`batchless_nb.kernel.use_cpp_kernel`, built on first use) as a variant. BlN runs with
+the paper's update (Adam trains the statistics) and, as `bln-log/natural`, with the natural update (eta 0.01, the
+statistics outside Adam), which `batchless-nb train` uses for models with dropout such as this one.
 
 Run: OMP_NUM_THREADS=1 python tests/benchmarks/bench_step.py [--batch 1 8] [--repeats 50] [--compile] [--foreach] [--cpp-kernel]
 """
@@ -21,7 +23,8 @@ import torch, torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from batchless_nb.core import set_seed
 from batchless_nb.models import paper_cnn
-from batchless_nb.norm import BatchlessNorm, batchless_loss
+from batchless_nb.norm import BatchlessNorm, batchless_loss, stat_parameters
+from batchless_nb.natural import NaturalGradientSGD
 from batchless_nb.kernel import use_cpp_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import medians  # tests/benchmarks/timing.py, beside this script
@@ -64,23 +67,27 @@ def swap_norms(model, mod):
     return model
 
 
-def make_step(norm, batch, device, foreach=None, compile=False, dropout=0.25, baseline=None, dropout_mode='per_sample'):
+def make_step(norm, batch, device, foreach=None, compile=False, dropout=0.25, baseline=None, dropout_mode='per_sample',
+              natural=False):
+    "One training step; `natural`: BlN's statistics by `NaturalGradientSGD` (eta 0.01), outside Adam, as `train` does with dropout"
     set_seed(0)
     model = paper_cnn(norm, dropout=dropout, dropout_mode=dropout_mode)
     loss_fn = batchless_loss
     if baseline is not None: model, loss_fn = swap_norms(model, baseline), baseline.batchless_loss
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=foreach)
+    stats = {id(p) for p in stat_parameters(model)} if natural else set()
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in stats], lr=1e-3, foreach=foreach)
+    opts = [opt, NaturalGradientSGD(model, 0.01)] if natural else [opt]
     if compile: model = torch.compile(model)
     g = torch.Generator().manual_seed(1)
     x = (torch.rand(batch, 3, 32, 32, generator=g) * 2 - 1).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
 
     def step():
-        opt.zero_grad(set_to_none=True)
+        for o in opts: o.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y) + loss_fn(model)
         loss.backward()
-        opt.step()
+        for o in opts: o.step()
     return step
 
 
@@ -100,14 +107,17 @@ def run(a, device):
         mk = lambda n, **kw: make_step(n, batch, device, a.foreach, a.compile, a.dropout, dropout_mode=a.dropout_mode, **kw)
         steps = {n: mk(n) for n in norms}
         if base is not None: steps['bln-log@baseline'] = mk('bln-log', baseline=base)
-        if a.cpp_kernel and device.type == 'cpu': steps['bln-log+cpp'] = with_cpp_kernel(mk('bln-log'))
+        if 'bln-log' in norms: steps['bln-log/natural'] = mk('bln-log', natural=True)
+        if a.cpp_kernel and device.type == 'cpu':
+            steps['bln-log+cpp'] = with_cpp_kernel(mk('bln-log'))
+            if 'bln-log' in norms: steps['bln-log/natural+cpp'] = with_cpp_kernel(mk('bln-log', natural=True))
         med = medians(steps, a.repeats, device, a.clock, warmup=3)
         ops = {} if a.compile else {k: count_ops(s) for k, s in steps.items()}
         print(f"batch {batch}:")
-        print(f"  {'norm':18s} {'ms/step':>9s} {'/none':>7s} {'/gn':>7s}" + (f" {'/bn':>7s}" if 'bn' in med else '')
+        print(f"  {'norm':20s} {'ms/step':>9s} {'/none':>7s} {'/gn':>7s}" + (f" {'/bn':>7s}" if 'bn' in med else '')
               + ("" if a.compile else f" {'ops':>6s} {'prof ev':>8s}"))
         for k, t in med.items():
-            row = f"  {k:18s} {t * 1e3:9.3f} {t / med['none']:7.3f} {t / med['gn']:7.3f}"
+            row = f"  {k:20s} {t * 1e3:9.3f} {t / med['none']:7.3f} {t / med['gn']:7.3f}"
             if 'bn' in med: row += f" {t / med['bn']:7.3f}"
             if ops: row += f" {ops[k][0]:6d} {ops[k][1]:8d}"
             print(row)

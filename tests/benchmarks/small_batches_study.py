@@ -11,6 +11,7 @@ finished runs are skipped. The methods come before the options (--batch-sizes an
     .venv/bin/python tests/benchmarks/small_batches_study.py OUT --recalibrate   # eval-mode statistics, after training
 
 Methods (`METHODS`): the norms `none bn gn ln`; BlN-log with `paper` (Adam trains the statistics, the paper),
+`paper<lr>` (the same at the statistics' learning rate lr, e.g. `paper0.0003`; the network's stays 1e-3),
 `natural<eta>` (the natural-gradient step with weight eta per step), `samples<eta>` (`SampleEMA`: weight eta per
 sample, so eta_b = 1 - (1 - eta)^b per step); the diagnostics `frozen` (statistics fixed after the data-driven
 init: `FreezeStats`, no gradient reaches them) and `oracle<k>` (frozen, and every k steps set to the true train-mode moments of 256
@@ -64,6 +65,7 @@ def method_settings(name:str) -> tuple[dict, int|None]:
     base, *mods = name.split('-')
     if base in ('none', 'bn', 'gn', 'ln'): kw, oracle = dict(norm=base), None
     elif base == 'paper': kw, oracle = BLN | dict(stats_update='paper'), None
+    elif m := re.fullmatch(r'paper([0-9.]+)', base): kw, oracle = BLN | dict(stats_update='paper', stats_lr=float(m[1])), None
     elif base == 'frozen': kw, oracle = BLN | dict(stats_update='paper', freeze=True), None
     elif m := re.fullmatch(r'(natural|samples)([0-9.e-]+)', base): kw, oracle = BLN | dict(stats_update=m[1], stats_eta=float(m[2])), None
     elif m := re.fullmatch(r'oracle(\d+)', base): kw, oracle = BLN | dict(stats_update='paper', freeze=True), int(m[1])

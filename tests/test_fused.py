@@ -1,11 +1,11 @@
 """The fused training path of BatchlessNorm: precision far from zero, autograd (double backward, separate backward
 calls), torch.func, autocast, memory formats, and the exact number of aten ops a training step dispatches."""
-import collections, warnings
+import sys, warnings
+from pathlib import Path
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from batchless_nb.norm import *
-from batchless_nb.models import paper_cnn
-from batchless_nb.natural import NaturalGradientSGD
+sys.path.insert(0, str(Path(__file__).parent/'benchmarks'))
+from bench_step import OpCounter, make_step  # the benchmark's op counter and step: these tests pin what it reports
 
 STD = list(STD_PARAMS)
 pytestmark = [pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning'), pytest.mark.usefixtures('one_thread')]
@@ -215,30 +215,12 @@ def test_eval_is_one_affine_map_in_place_of_the_input():
 
 # ---- aten ops per training step: exact counts (torch 2.13, the version the Makefile installs) ----
 
-class _Count(TorchDispatchMode):
-    "Aten ops that reach the kernels (below autograd); the same count as tests/benchmarks/bench_step.py"
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _step_ops(norm, batch=2, foreach=None, natural=False):
-    "Aten ops of one Adam step of the paper CNN; `natural`: BlN's statistics by `NaturalGradientSGD` (train's default with dropout)"
-    torch.manual_seed(0)
-    model = paper_cnn(norm)
-    stats = {id(p) for p in stat_parameters(model)} if natural else set()
-    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in stats], foreach=foreach)
-    opts = [opt, NaturalGradientSGD(model, 0.01)] if natural else [opt]
-    x, y = torch.rand(batch, 3, 32, 32) * 2 - 1, torch.randint(0, 10, (batch,))
-    def step():
-        for o in opts: o.zero_grad(set_to_none=True)
-        (F.cross_entropy(model(x), y) + batchless_loss(model)).backward()
-        for o in opts: o.step()
-    step()  # Adam's state exists from here on, as in every later step
-    with _Count() as c: step()
+    """Aten ops of one paper-CNN training step as bench_step.py times and counts it (after a first step, which creates
+    Adam's state); `natural`: BlN's statistics by `NaturalGradientSGD` (train's default with dropout)"""
+    step = make_step(norm, batch, torch.device('cpu'), foreach, natural=natural)
+    step()
+    with OpCounter() as c: step()
     return sum(c.ops.values())
 
 
@@ -253,7 +235,7 @@ def test_aten_ops_of_one_layer_step():
         out = layer(x)  # warm: the constants BlN caches exist
         torch.autograd.backward([out, layer.nll] if nll else [out], [torch.ones_like(out)] + ([torch.ones(())] if nll else []))
         g, one = torch.ones_like(out), torch.ones(())
-        with _Count() as c:
+        with OpCounter() as c:
             out = layer(x)
             torch.autograd.backward([out, layer.nll] if nll else [out], [g, one] if nll else [g])
         return c.ops

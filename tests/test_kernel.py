@@ -7,7 +7,7 @@ import batchless_nb.kernel as kernel
 from batchless_nb.kernel import use_cpp_kernel, cpp_kernel_enabled
 from batchless_nb.norm import *
 from batchless_nb.models import paper_cnn
-from test_fused import _Count, _step_ops, pinned  # the op counter and pin of the other op-count tests
+from test_fused import OpCounter, _step_ops, pinned  # the op counter and pin of the other op-count tests
 
 STD = list(STD_PARAMS)
 pytestmark = [pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning'), pytest.mark.usefixtures('one_thread')]
@@ -180,7 +180,7 @@ def test_aten_ops_of_one_layer_step():
     def ops(layer, nll):
         g, one = torch.ones(2, 8, 4, 4), torch.ones(())
         for count in (False, True):  # the first call warms up
-            with _Count() as c:
+            with OpCounter() as c:
                 out = layer(x)
                 torch.autograd.backward([out, layer.nll] if nll else [out], [g, one] if nll else [g])
         return c.ops

@@ -382,7 +382,7 @@ def _run_cell(out:Path, settings:dict, cell:dict) -> dict:
     update = {k: res['config'][k] if bln else None for k in ('stats_update', 'stats_eta')}  # as the run chose them
     return {'dataset': res['config']['dataset'], 'model': res['config']['model'], **cell, **update, **res['summary']}
 
-# %% ../nbs/05_cli.ipynb #26106817
+# %% ../nbs/05_cli.ipynb #1a9e6582
 def sweep(
     out:str|Path='runs/sweep', # Directory for results.json, results.csv and cells/
     preset:str='digits', # One of `PRESETS`; the other arguments override its settings
@@ -403,7 +403,10 @@ def sweep(
     check_settings(settings)
     for b in grid['batch_sizes']: check_settings({'batch_size': b})
     for e in grid['stats_etas'] or []: check_settings({'stats_eta': e})
-    cells, rows = sweep_cells(**grid), _finished_rows(Path(out), settings)
+    cells = sweep_cells(**grid)
+    for c in cells:  # a named update's options, before any cell trains (those of train's default once its model is built)
+        if c.get('stats_update'): check_stats_options(c['stats_update'], settings.get('stats_lr'), c.get('stats_eta'))
+    rows = _finished_rows(Path(out), settings)
     done = {cell_key(r) for r in rows}
     for i, cell in enumerate(cells, 1):
         if cell_key(cell) in done: continue

@@ -143,6 +143,9 @@ def test_sweep_rows_name_the_update_each_bln_cell_ran(tmp_path):
     with pytest.raises(ValueError, match="name the same cells"):
         cli.sweep(out=tmp_path/'both', stats_updates=[None, 'paper'], **grid)
     assert not (tmp_path/'both').exists()
+    with pytest.raises(ValueError, match="stats_lr=0.01 is the statistics' learning rate under the paper's update, but the update is 'samples'"):
+        cli.sweep(out=tmp_path/'lr', stats_updates=['samples'], stats_lr=1e-2, **grid)  # refused before the GroupNorm cell trains
+    assert not (tmp_path/'lr').exists()
 
 
 def test_a_run_resumes_with_its_own_eval_stats_setting(tmp_path):

@@ -13,11 +13,12 @@ __all__ = ['KERNEL_ROWS', 'build_cpp_kernel', 'use_cpp_kernel', 'cpp_kernel_enab
 # %% ../nbs/01g_kernel.ipynb #779d4b18
 _SOURCE = r"""
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <cmath>
-#include <limits>
-#include <vector>
+#include <tuple>
 using at::Tensor;
+using c10::optional;
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
@@ -37,57 +38,151 @@ static void std_terms(double p, int64_t kind, double eps, double& log_std, doubl
 static const char* kFirstOrder = "BatchlessNorm's C++ kernel computes first-order gradients only (got a backward with "
     "create_graph=True); turn it off with batchless_nb.kernel.use_cpp_kernel(False) for double backward";
 
-// The output d * gamma / sigma + beta with d = x - sg(mu) (gradients for x, gamma, beta), and the per-channel rows
+// ---- The CPU kernels of the library's four ops (schemas at the end): each allocates what it returns ----
+
+// (out, chan): the output d * gamma / sigma + beta with d = x - mu, and the per-channel rows, in one pass over x
+std::tuple<Tensor, Tensor> normalize_cpu(const Tensor& x, const Tensor& mu_, const Tensor& p_,
+    const optional<Tensor>& weight_, const optional<Tensor>& bias_, int64_t kind, double eps, bool gauge,
+    bool mean_reduction, bool check_finite) {
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(), "BatchlessNorm's C++ kernel expected a contiguous input with channels "
+              "at dim 1 (got ", x.dim(), " dims, contiguous: ", x.is_contiguous(), ")");
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
+  Tensor mu = mu_.contiguous(), p = p_.contiguous(), weight, bias;
+  if (weight_.has_value()) weight = weight_->contiguous();
+  if (bias_.has_value()) bias = bias_->contiguous();
+  for (const Tensor* t : {&mu, &p, &weight, &bias})
+    TORCH_CHECK(!t->defined() || t->numel() == C, "BatchlessNorm's C++ kernel expected per-channel tensors of ", C,
+                " values, as the input's channels (got ", t->numel(), ")");
+  const double k = mean_reduction ? 1.0 / C : 1.0, count = double(N) * S;
+  Tensor out = at::empty_like(x), chan = at::empty({ROWS, C}, mu.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchless_normalize_forward", [&] {
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *mp = mu.const_data_ptr<scalar_t>(), *pp = p.const_data_ptr<scalar_t>();
+    const scalar_t *wp = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *bp = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t *op = out.data_ptr<scalar_t>(), *row = chan.data_ptr<scalar_t>();
+    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; c++) {
+        double log_std, inv;
+        std_terms(pp[c], kind, eps, log_std, inv);
+        const scalar_t m = mp[c], iv = scalar_t(inv), s = wp ? wp[c] * iv : iv, b = bp ? bp[c] : scalar_t(0);
+        double s1 = 0, s2 = 0;  // sums of d = x - mu and d^2: per row in x's dtype (vectorized), across rows in double
+        for (int64_t n = 0; n < N; n++) {
+          const scalar_t* __restrict__ xi = xp + (n * C + c) * S;
+          scalar_t* __restrict__ oi = op + (n * C + c) * S;
+          scalar_t r1 = 0, r2 = 0;
+          for (int64_t i = 0; i < S; i++) {
+            const scalar_t d = xi[i] - m;
+            oi[i] = d * s + b;
+            r1 += d; r2 += d * d;
+          }
+          s1 += r1; s2 += r2;
+        }
+        const double a = s1 / count, q = s2 / count, pv = pp[c], t = q * inv * inv;
+        double g_p;
+        if (kind == 0) g_p = k * (1 - t);
+        else if (kind == 1) g_p = k * (1 - t) * inv * sign(pv);
+        else g_p = k * (q * pv - sign(pv) / (std::abs(pv) + eps));
+        row[SCALE * C + c] = s; row[INV * C + c] = iv; row[G_MEAN * C + c] = -k * a * inv * inv; row[G_P * C + c] = g_p;
+        row[A * C + c] = a; row[Q * C + c] = q; row[MU * C + c] = m;
+        row[NLL * C + c] = k * (gauge ? 0.5 * (t - 1) : 0.5 * t + log_std) + (check_finite ? 0 : 0 * a);  // 0 * inf: NaN
+      }
+    });
+  });
+  return {out, chan};
+}
+
+// (grad x, grad gamma, grad beta; undefined where not asked for): closed form, in one pass over x and grad
+std::tuple<Tensor, Tensor, Tensor> normalize_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& chan,
+                                                          bool has_weight, bool has_bias) {
+  const Tensor g = grad.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
+  Tensor gx = at::empty_like(x), gw, gb;
+  if (has_weight) gw = at::empty({C}, chan.options());
+  if (has_bias) gb = at::empty({C}, chan.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchless_normalize_backward", [&] {
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = g.const_data_ptr<scalar_t>(), *row = chan.const_data_ptr<scalar_t>();
+    scalar_t *gxp = gx.data_ptr<scalar_t>();
+    scalar_t *gwp = has_weight ? gw.data_ptr<scalar_t>() : nullptr, *gbp = has_bias ? gb.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; c++) {
+        const scalar_t s = row[SCALE * C + c], m = row[MU * C + c];
+        double sg = 0, sgd = 0;  // sum(g), sum(g * (x - mu)), summed as in the forward
+        for (int64_t n = 0; n < N; n++) {
+          const scalar_t *__restrict__ xi = xp + (n * C + c) * S, *__restrict__ gi = gp + (n * C + c) * S;
+          scalar_t* __restrict__ o = gxp + (n * C + c) * S;
+          scalar_t r1 = 0, r2 = 0;
+          for (int64_t i = 0; i < S; i++) {
+            o[i] = gi[i] * s;
+            r1 += gi[i]; r2 += gi[i] * (xi[i] - m);
+          }
+          sg += r1; sgd += r2;
+        }
+        if (gwp) gwp[c] = sgd * row[INV * C + c];
+        if (gbp) gbp[c] = sg;
+      }
+    });
+  });
+  return {gx, gw, gb};
+}
+
+// The NLL, summed from the rows; mu and p are its inputs for autograd only (the rows hold what it needs of them)
+Tensor gaussian_nll_cpu(const Tensor& mu, const Tensor& p, const Tensor& chan) {
+  const int64_t C = chan.size(1);
+  double nll = 0;
+  AT_DISPATCH_FLOATING_TYPES(chan.scalar_type(), "batchless_nll_forward", [&] {
+    const scalar_t* row = chan.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; c++) nll += row[NLL * C + c];
+  });
+  return at::scalar_tensor(nll, chan.options());
+}
+
+// (grad mu, grad p): the rows' NLL gradients times the incoming gradient
+std::tuple<Tensor, Tensor> gaussian_nll_backward_cpu(const Tensor& grad, const Tensor& chan) {
+  const int64_t C = chan.size(1);
+  Tensor gmu = at::empty({C}, chan.options()), gp = at::empty({C}, chan.options());
+  AT_DISPATCH_FLOATING_TYPES(chan.scalar_type(), "batchless_nll_backward", [&] {
+    const scalar_t *row = chan.const_data_ptr<scalar_t>(), gn = *grad.const_data_ptr<scalar_t>();
+    scalar_t *gmp = gmu.data_ptr<scalar_t>(), *gpp = gp.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; c++) { gmp[c] = row[G_MEAN * C + c] * gn; gpp[c] = row[G_P * C + c] * gn; }
+  });
+  return {gmu, gp};
+}
+
+// ---- The ops through the dispatcher (so a TorchDispatchMode or the profiler sees one op per call, as for torch's) ----
+
+template <typename Sig> static c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+static auto& normalize_op() {
+  static auto h = op<decltype(normalize_cpu)>("batchless_nb::normalize");
+  return h;
+}
+static auto& normalize_backward_op() {
+  static auto h = op<decltype(normalize_backward_cpu)>("batchless_nb::normalize_backward");
+  return h;
+}
+static auto& nll_op() {
+  static auto h = op<decltype(gaussian_nll_cpu)>("batchless_nb::gaussian_nll");
+  return h;
+}
+static auto& nll_backward_op() {
+  static auto h = op<decltype(gaussian_nll_backward_cpu)>("batchless_nb::gaussian_nll_backward");
+  return h;
+}
+
+// ---- Autograd: two nodes (the output's and the NLL's, so that the output and the NLL may be backpropagated in
+// separate calls, as with torch's path), each calling its op below autograd ----
+
 struct Normalize : public torch::autograd::Function<Normalize> {
-  // x (N, C, *) contiguous; mu, p, weight, bias (C,) of x's dtype; without weight or bias, mu stands in for it
-  // (autograd's C++ functions take no undefined inputs) and gets no gradient from that place
+  // weight and bias: mu stands in for a missing one (autograd's C++ functions take no undefined inputs) and gets
+  // no gradient from that place
   static tensor_list forward(AutogradContext* ctx, Tensor x, Tensor mu, Tensor p, Tensor weight, Tensor bias,
                              bool has_weight, bool has_bias, int64_t kind, double eps, bool gauge, bool mean_reduction,
                              bool check_finite) {
-    TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(), "BatchlessNorm's C++ kernel expected a contiguous input with channels "
-                "at dim 1 (got ", x.dim(), " dims, contiguous: ", x.is_contiguous(), ")");
-    const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
-    for (Tensor* t : {&mu, &p, &weight, &bias}) {
-      TORCH_CHECK(t->numel() == C, "BatchlessNorm's C++ kernel expected per-channel tensors of ", C, " values, as the "
-                  "input's channels (got ", t->numel(), ")");
-      *t = t->contiguous();
-    }
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [out, chan] = normalize_op().call(x, mu, p, has_weight ? optional<Tensor>(weight) : c10::nullopt,
+        has_bias ? optional<Tensor>(bias) : c10::nullopt, kind, eps, gauge, mean_reduction, check_finite);
     ctx->set_materialize_grads(false);  // no zeros for the rows' (never used) gradient
-    const double k = mean_reduction ? 1.0 / C : 1.0, count = double(N) * S;
-    Tensor out = at::empty_like(x), chan = at::empty({ROWS, C}, mu.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchless_normalize_forward", [&] {
-      const scalar_t *xp = x.const_data_ptr<scalar_t>(), *mp = mu.const_data_ptr<scalar_t>(), *pp = p.const_data_ptr<scalar_t>();
-      const scalar_t *wp = has_weight ? weight.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t *bp = has_bias ? bias.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t *op = out.data_ptr<scalar_t>(), *row = chan.data_ptr<scalar_t>();
-      at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; c++) {
-          double log_std, inv;
-          std_terms(pp[c], kind, eps, log_std, inv);
-          const scalar_t m = mp[c], iv = scalar_t(inv), s = wp ? wp[c] * iv : iv, b = bp ? bp[c] : scalar_t(0);
-          double s1 = 0, s2 = 0;  // sums of d = x - mu and d^2: per row in x's dtype (vectorized), across rows in double
-          for (int64_t n = 0; n < N; n++) {
-            const scalar_t* __restrict__ xi = xp + (n * C + c) * S;
-            scalar_t* __restrict__ oi = op + (n * C + c) * S;
-            scalar_t r1 = 0, r2 = 0;
-            for (int64_t i = 0; i < S; i++) {
-              const scalar_t d = xi[i] - m;
-              oi[i] = d * s + b;
-              r1 += d; r2 += d * d;
-            }
-            s1 += r1; s2 += r2;
-          }
-          const double a = s1 / count, q = s2 / count, pv = pp[c], t = q * inv * inv;
-          double g_p;
-          if (kind == 0) g_p = k * (1 - t);
-          else if (kind == 1) g_p = k * (1 - t) * inv * sign(pv);
-          else g_p = k * (q * pv - sign(pv) / (std::abs(pv) + eps));
-          row[SCALE * C + c] = s; row[INV * C + c] = iv; row[G_MEAN * C + c] = -k * a * inv * inv; row[G_P * C + c] = g_p;
-          row[A * C + c] = a; row[Q * C + c] = q; row[MU * C + c] = m;
-          row[NLL * C + c] = k * (gauge ? 0.5 * (t - 1) : 0.5 * t + log_std) + (check_finite ? 0 : 0 * a);  // 0 * inf: NaN
-        }
-      });
-    });
     ctx->saved_data["has_weight"] = has_weight;
     ctx->saved_data["has_bias"] = has_bias;
     ctx->save_for_backward({x, chan});
@@ -98,76 +193,68 @@ struct Normalize : public torch::autograd::Function<Normalize> {
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     TORCH_CHECK(!at::GradMode::is_enabled(), kFirstOrder);
     if (!grads[0].defined()) return tensor_list(12);
+    at::AutoDispatchBelowADInplaceOrView below;
     auto saved = ctx->get_saved_variables();
-    const Tensor x = saved[0], chan = saved[1], g = grads[0].contiguous();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
-    const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
-    Tensor gx = at::empty_like(x), gw, gb;
-    if (has_weight) gw = at::empty({C}, chan.options());
-    if (has_bias) gb = at::empty({C}, chan.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchless_normalize_backward", [&] {
-      const scalar_t *xp = x.const_data_ptr<scalar_t>(), *gp = g.const_data_ptr<scalar_t>(), *row = chan.const_data_ptr<scalar_t>();
-      scalar_t *gxp = gx.data_ptr<scalar_t>();
-      scalar_t *gwp = has_weight ? gw.data_ptr<scalar_t>() : nullptr, *gbp = has_bias ? gb.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, C, std::max<int64_t>(1, 32768 / std::max<int64_t>(N * S, 1)), [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; c++) {
-          const scalar_t s = row[SCALE * C + c], m = row[MU * C + c];
-          double sg = 0, sgd = 0;  // sum(g), sum(g * (x - mu)), summed as in the forward
-          for (int64_t n = 0; n < N; n++) {
-            const scalar_t *__restrict__ xi = xp + (n * C + c) * S, *__restrict__ gi = gp + (n * C + c) * S;
-            scalar_t* __restrict__ o = gxp + (n * C + c) * S;
-            scalar_t r1 = 0, r2 = 0;
-            for (int64_t i = 0; i < S; i++) {
-              o[i] = gi[i] * s;
-              r1 += gi[i]; r2 += gi[i] * (xi[i] - m);
-            }
-            sg += r1; sgd += r2;
-          }
-          if (gwp) gwp[c] = sgd * row[INV * C + c];
-          if (gbp) gbp[c] = sg;
-        }
-      });
-    });
+    auto [gx, gw, gb] = normalize_backward_op().call(grads[0], saved[0], saved[1],
+        ctx->saved_data["has_weight"].toBool(), ctx->saved_data["has_bias"].toBool());
     return {gx, Tensor(), Tensor(), gw, gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
-// The NLL, summed from the rows (gradients for mu and the std parameter): a node of its own, so that the output and
-// the NLL may be backpropagated in separate calls, as with torch's path
 struct GaussianNLL : public torch::autograd::Function<GaussianNLL> {
   static tensor_list forward(AutogradContext* ctx, Tensor mu, Tensor p, Tensor chan) {
-    const int64_t C = chan.size(1);
-    double nll = 0;
-    AT_DISPATCH_FLOATING_TYPES(chan.scalar_type(), "batchless_nll_forward", [&] {
-      const scalar_t* row = chan.const_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; c++) nll += row[NLL * C + c];
-    });
+    at::AutoDispatchBelowADInplaceOrView below;
     ctx->save_for_backward({chan});
-    return {at::scalar_tensor(nll, chan.options())};
+    return {nll_op().call(mu, p, chan)};
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     TORCH_CHECK(!at::GradMode::is_enabled(), kFirstOrder);
-    const Tensor chan = ctx->get_saved_variables()[0], g = grads[0];
-    const int64_t C = chan.size(1);
-    Tensor gmu = at::empty({C}, chan.options()), gp = at::empty({C}, chan.options());
-    AT_DISPATCH_FLOATING_TYPES(chan.scalar_type(), "batchless_nll_backward", [&] {
-      const scalar_t *row = chan.const_data_ptr<scalar_t>(), gn = *g.const_data_ptr<scalar_t>();
-      scalar_t *gmp = gmu.data_ptr<scalar_t>(), *gpp = gp.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; c++) { gmp[c] = row[G_MEAN * C + c] * gn; gpp[c] = row[G_P * C + c] * gn; }
-    });
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [gmu, gp] = nll_backward_op().call(grads[0], ctx->get_saved_variables()[0]);
     return {gmu, gp, Tensor()};
   }
 };
 
-// (out, nll, chan, nll is finite): the training forward of BatchlessNorm, one pass over x, two autograd nodes
-std::tuple<Tensor, Tensor, Tensor, bool> batchless_train(Tensor x, Tensor mu, Tensor p, c10::optional<Tensor> weight,
-    c10::optional<Tensor> bias, int64_t kind, double eps, bool gauge, bool mean_reduction, bool check_finite) {
+std::tuple<Tensor, Tensor> normalize_autograd(const Tensor& x, const Tensor& mu, const Tensor& p,
+    const optional<Tensor>& weight, const optional<Tensor>& bias, int64_t kind, double eps, bool gauge,
+    bool mean_reduction, bool check_finite) {
   auto r = Normalize::apply(x, mu, p, weight.value_or(mu), bias.value_or(mu), weight.has_value(), bias.has_value(),
                             kind, eps, gauge, mean_reduction, check_finite);
-  Tensor nll = GaussianNLL::apply(mu, p, r[1])[0];
+  return {r[0], r[1]};
+}
+
+Tensor gaussian_nll_autograd(const Tensor& mu, const Tensor& p, const Tensor& chan) {
+  return GaussianNLL::apply(mu, p, chan)[0];
+}
+
+TORCH_LIBRARY(batchless_nb, m) {
+  m.def("normalize(Tensor x, Tensor mu, Tensor p, Tensor? weight, Tensor? bias, int kind, float eps, bool gauge, "
+        "bool mean_reduction, bool check_finite) -> (Tensor, Tensor)");
+  m.def("normalize_backward(Tensor grad, Tensor x, Tensor chan, bool has_weight, bool has_bias) -> (Tensor, Tensor, Tensor)");
+  m.def("gaussian_nll(Tensor mu, Tensor p, Tensor chan) -> Tensor");
+  m.def("gaussian_nll_backward(Tensor grad, Tensor chan) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(batchless_nb, CPU, m) {
+  m.impl("normalize", &normalize_cpu);
+  m.impl("normalize_backward", &normalize_backward_cpu);
+  m.impl("gaussian_nll", &gaussian_nll_cpu);
+  m.impl("gaussian_nll_backward", &gaussian_nll_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(batchless_nb, Autograd, m) {
+  m.impl("normalize", &normalize_autograd);
+  m.impl("gaussian_nll", &gaussian_nll_autograd);
+}
+
+// (out, nll, chan, nll is finite): the training forward of BatchlessNorm, the library's ops and their autograd nodes
+std::tuple<Tensor, Tensor, Tensor, bool> batchless_train(Tensor x, Tensor mu, Tensor p, optional<Tensor> weight,
+    optional<Tensor> bias, int64_t kind, double eps, bool gauge, bool mean_reduction, bool check_finite) {
+  auto [out, chan] = normalize_op().call(x, mu, p, weight, bias, kind, eps, gauge, mean_reduction, check_finite);
+  Tensor nll = nll_op().call(mu, p, chan);
   const double v = nll.scalar_type() == at::kDouble ? *nll.const_data_ptr<double>() : *nll.const_data_ptr<float>();
-  return {r[0], nll, r[1], std::isfinite(v)};
+  return {out, nll, chan, std::isfinite(v)};
 }
 """
 
@@ -211,8 +298,9 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 def kernel_applies(x:Tensor, *params:Tensor|None) -> bool:
     "Whether the kernel is on and can run a training forward of `x` (channels at dim 1) with these per-channel `params`"
-    if not _STATE['enabled'] or x.device.type != 'cpu' or x.dtype not in _KERNEL_DTYPES or not x.is_contiguous(): return False
-    return all(p is None or (p.dtype == x.dtype and p.device.type == 'cpu') for p in params)
+    if not _STATE['enabled'] or not x.is_cpu or x.dtype not in _KERNEL_DTYPES or not x.is_contiguous(): return False
+    dtype = x.dtype
+    return all(p is None or (p.is_cpu and p.dtype == dtype) for p in params)  # is_cpu: no device object to build
 
 def batchless_train_cpp(
     x:Tensor, # Activations, channels at dim 1, contiguous

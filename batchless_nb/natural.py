@@ -20,8 +20,8 @@ def _log_steps(groups:list[dict]):
     if not groups: return
     means, ps = zip(*(g['params'] for g in groups))
     rates = [-g['lr'] * g['nll_scale'] for g in groups]
-    var_grads = torch._foreach_mul(torch._foreach_exp(torch._foreach_mul(ps, 2.0)), [m.grad for m in means])
-    torch._foreach_add_(means, torch._foreach_mul(var_grads, rates))
+    variances = torch._foreach_exp(torch._foreach_add(ps, ps))  # e^(2 log sigma); a list sum is faster than a scalar product
+    torch._foreach_addcmul_(means, variances, [m.grad for m in means], rates)
     torch._foreach_add_(ps, torch._foreach_mul([p.grad for p in ps], [r / 2 for r in rates]))
 
 def _multiplicative_step(mean:Tensor, p:Tensor, std_param:str, eps:float, lr:float, nll_scale:float):

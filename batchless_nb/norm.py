@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_norm.ipynb #b62db8fc
 from __future__ import annotations
-import math, warnings
+import functools, math, warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -354,8 +354,9 @@ def nll(self:BatchlessNorm) -> Tensor|None:
     return self._nll
 
 @patch
-def _mark_used(self:BatchlessNorm, grad:Tensor|None):
-    if grad is not None: self.__dict__['_nll_used'] = True  # None: a backward ran through the output alone
+def _mark_used(self:BatchlessNorm, grad_inputs:tuple, grad_outputs:tuple):
+    "Hook of the NLL's autograd node, which runs only when a backward reaches the NLL"
+    self.__dict__['_nll_used'] = True
 
 @patch
 def forward(self:BatchlessNorm, input:Tensor) -> Tensor:
@@ -367,7 +368,7 @@ def forward(self:BatchlessNorm, input:Tensor) -> Tensor:
     used = nll is None or not nll.requires_grad or tracing
     if tracing: self._nll, self._nll_used = nll, used
     else: self.__dict__.update(_nll=nll, _nll_used=used)  # plain attributes: nn.Module.__setattr__'s checks cost more
-    if not used: nll.register_hook(self._mark_used)  # fires when a backward reaches the NLL
+    if not used: nll.grad_fn.register_hook(self._mark_used)  # on the node: cheaper than a tensor hook
     return out
 
 @patch
@@ -411,7 +412,8 @@ def batchless_modules(model:nn.Module) -> dict[str, BatchlessNorm]:
 def batchless_loss(model:nn.Module) -> Tensor:
     "Sum of the NLL terms of `model`'s BatchlessNorm layers from their last training forward: add it to the task loss"
     terms = [m.nll for m in batchless_modules(model).values() if m.nll is not None]
-    if terms: return torch.stack(terms).sum()
+    if len(terms) > 1: return functools.reduce(torch.add, terms)  # fewer ops each way than stack and sum
+    if terms: return terms[0].clone()  # a new tensor, so that adding to it in place leaves `nll` as it is
     p = next(model.parameters(), None)
     return torch.zeros((), device=None if p is None else p.device)
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01f_dp.ipynb #f87908a6
 from __future__ import annotations
-import functools, math
+import functools, math, weakref
 import torch
 from torch import Tensor
 from .norm import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, std_from_param
@@ -62,10 +62,14 @@ def _affine_grad_samples(layer:BatchlessNorm, x:Tensor, backprops:Tensor, channe
 
 # %% ../nbs/01f_dp.ipynb #76bf22cb
 class _NLLRecord:
-    "One training forward of a BlN layer under Opacus, waiting for the weight of its NLL in the loss"
+    """One training forward of a BlN layer under Opacus, waiting for the weight of its NLL in the loss. It holds the
+    layer and Opacus's hooks weakly: the NLL's hook holds it, and garbage collection cannot see through autograd"""
     def __init__(self, hooks, layer:BatchlessNorm, out:Tensor):
-        self.hooks, self.layer, self.weight, self.samples = hooks, layer, None, None
+        self._hooks, self._layer, self.weight, self.samples = weakref.ref(hooks), weakref.ref(layer), None, None
         self.no_output_grad = None if out.requires_grad else out.new_zeros(()).expand(out.shape)  # no Opacus hook
+
+    hooks = property(lambda self: self._hooks(), doc="Opacus's hooks (a GradSampleModule or GradSampleHooks)")
+    layer = property(lambda self: self._layer(), doc="The layer")
 
     def nll_grad(self, grad:Tensor):
         "Hook on the layer's NLL: `grad` is its weight in the loss"

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_norm.ipynb #b62db8fc
 from __future__ import annotations
-import functools, math, warnings
+import functools, math, warnings, weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -353,10 +353,14 @@ def nll(self:BatchlessNorm) -> Tensor|None:
     "NLL term of the last training forward (None after an eval forward)"
     return self._nll
 
-@patch
-def _mark_used(self:BatchlessNorm, grad_inputs:tuple, grad_outputs:tuple):
-    "Hook of the NLL's autograd node, which runs only when a backward reaches the NLL"
-    self.__dict__['_nll_used'] = True
+class _MarkUsed:
+    """Hook of the NLL's autograd node (which runs only when a backward reaches the NLL): marks the layer's NLL used.
+    It holds the layer weakly: the layer holds the NLL, and garbage collection cannot see through autograd's nodes"""
+    __slots__ = ('layer',)
+    def __init__(self, layer:BatchlessNorm): self.layer = weakref.ref(layer)
+    def __call__(self, grad_inputs:tuple, grad_outputs:tuple):
+        layer = self.layer()
+        if layer is not None: layer.__dict__['_nll_used'] = True
 
 @patch
 def forward(self:BatchlessNorm, input:Tensor) -> Tensor:
@@ -368,7 +372,7 @@ def forward(self:BatchlessNorm, input:Tensor) -> Tensor:
     used = nll is None or not nll.requires_grad or tracing
     if tracing: self._nll, self._nll_used = nll, used
     else: self.__dict__.update(_nll=nll, _nll_used=used)  # plain attributes: nn.Module.__setattr__'s checks cost more
-    if not used: nll.grad_fn.register_hook(self._mark_used)  # on the node: cheaper than a tensor hook
+    if not used: nll.grad_fn.register_hook(_MarkUsed(self))  # on the node: cheaper than a tensor hook
     return out
 
 @patch

@@ -1,5 +1,5 @@
 "DP-SGD with Opacus: per-sample gradients of every BlN parameter equal one backward per sample; DP-SGD trains the statistics."
-import copy, json, pickle, subprocess, sys, warnings
+import copy, gc, json, pickle, subprocess, sys, warnings, weakref
 import pytest
 import torch
 import torch.nn as nn
@@ -169,6 +169,18 @@ def test_nll_grad_samples_in_float32_with_float64_statistics():
 
 
 @pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning')
+def test_a_privately_trained_model_is_garbage_collected():
+    "The record of a forward, which the NLL's hook holds, holds the layer and Opacus's hooks weakly"
+    net, x, y = model()
+    wrapped = GradSampleModule(net)
+    (task_loss(wrapped(x), y) + batchless_loss(wrapped)).backward()
+    wrapped.remove_hooks()
+    ref = weakref.ref(net)
+    del net, wrapped
+    gc.collect()
+    assert ref() is None
+
+
 def test_misuse_raises():
     net, x, y = model()
     gsm = GradSampleModule(net)

@@ -8,6 +8,7 @@ from batchless_nb.kernel import use_cpp_kernel, cpp_kernel_enabled
 from batchless_nb.norm import *
 from batchless_nb.models import paper_cnn
 from test_fused import OpCounter, _step_ops, pinned  # the op counter and pin of the other op-count tests
+from test_norm import collected_after_training
 
 STD = list(STD_PARAMS)
 pytestmark = [pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning'), pytest.mark.usefixtures('one_thread')]
@@ -145,6 +146,12 @@ def test_ops_pass_torch_library_opcheck():
     nll = torch.ops.batchless_nb.gaussian_nll(mu, p, chan)
     ref_out, ref_nll = batchless_norm(x, mu, p, w, b)
     torch.testing.assert_close((out, nll), (ref_out, ref_nll))
+
+
+@pytest.mark.parametrize('use_nll', [True, False])
+def test_a_layer_trained_by_the_kernel_is_garbage_collected(kernel_calls, use_nll):
+    with use_cpp_kernel(): assert collected_after_training(lambda: BatchlessNorm2d(3), use_nll)
+    assert len(kernel_calls) == 1
 
 
 def test_wrong_parameter_size_raises():

@@ -1,5 +1,5 @@
 "Heavier checks of the BatchlessNorm layer against independent references."
-import copy, itertools, warnings
+import copy, gc, itertools, warnings, weakref
 import pytest, torch, torch.nn as nn
 from hypothesis import given, settings, strategies as st
 from batchless_nb.norm import *
@@ -200,6 +200,23 @@ def test_unused_nll_warns():
         warnings.simplefilter('error')
         layer = BatchlessNorm1d(3).eval()
         layer(x).sum().backward(); layer(x)  # eval computes no NLL: nothing to forget
+
+
+def collected_after_training(make_layer, use_nll:bool) -> bool:
+    "Whether a layer that ran a training forward (and a backward of its NLL, or not) is garbage collected once dropped"
+    layer = make_layer()
+    out = layer(torch.randn(4, 3, 2, 2))
+    if use_nll: (out.sum() + batchless_loss(layer)).backward()
+    ref = weakref.ref(layer)
+    del layer, out
+    gc.collect()
+    return ref() is None
+
+
+@pytest.mark.parametrize('use_nll', [True, False])
+def test_a_trained_layer_is_garbage_collected(use_nll):
+    "The unused-NLL check's hook holds the layer weakly: the layer holds its NLL, the NLL's node the hook"
+    assert collected_after_training(lambda: BatchlessNorm2d(3), use_nll)
 
 
 def test_autocast_bf16_keeps_stats_in_fp32():

@@ -168,7 +168,6 @@ def test_nll_grad_samples_in_float32_with_float64_statistics():
     torch.testing.assert_close(g32, g64, rtol=0, atol=0)
 
 
-@pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning')
 def test_a_privately_trained_model_is_garbage_collected():
     "The record of a forward, which the NLL's hook holds, holds the layer and Opacus's hooks weakly"
     net, x, y = model()
@@ -181,6 +180,7 @@ def test_a_privately_trained_model_is_garbage_collected():
     assert ref() is None
 
 
+@pytest.mark.filterwarnings('ignore::batchless_nb.norm.UnusedNLLWarning')
 def test_misuse_raises():
     net, x, y = model()
     gsm = GradSampleModule(net)

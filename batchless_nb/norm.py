@@ -220,7 +220,7 @@ def batchless_norm(
     gauge:bool=True, # Shift the NLL to ~0 when the activations follow the Gaussian
     channel_dim:int=1, # Axis of the channels; every other axis shares the statistics
     nll_reduction:str='mean', # 'mean' over all elements (the paper) or 'channel_sum' (width-invariant)
-    check_finite:bool=True, # Raise on non-finite activations in training
+    check_finite:bool=True, # Raise on non-finite activations in training (reads the NLL back: one host sync per layer on a GPU)
 ) -> tuple[Tensor, Tensor|None]: # Normalized output, NLL (None when not training)
     "Normalize `input` with the learned Gaussian N(mean, std^2) per channel; also return its NLL when training"
     _check_choice('std_param', std_param, STD_PARAMS)
@@ -269,7 +269,7 @@ class BatchlessNorm(nn.Module):
         init_std:float=1.0, # Initial sigma
         channel_dim:int=1, # Axis of the channels (-1 for channels-last or (B, T, C))
         nll_reduction:str='mean', # 'mean' over all elements (the paper) or 'channel_sum' (width-invariant)
-        check_finite:bool=True, # Raise on non-finite activations in training
+        check_finite:bool=True, # Raise on non-finite activations in training (reads the NLL back: one host sync per layer on a GPU)
         device=None, dtype=None):
         super().__init__()
         _check_choice('std_param', std_param, STD_PARAMS)

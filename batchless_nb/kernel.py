@@ -150,25 +150,15 @@ std::tuple<Tensor, Tensor> gaussian_nll_backward_cpu(const Tensor& grad, const T
 
 // ---- The ops through the dispatcher (so a TorchDispatchMode or the profiler sees one op per call, as for torch's) ----
 
-template <typename Sig> static c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-static auto& normalize_op() {
-  static auto h = op<decltype(normalize_cpu)>("batchless_nb::normalize");
+// The op `name`, typed with the signature of its CPU kernel `Kernel`, looked up once
+template <auto& Kernel> static auto& op(const char* name) {
+  static auto h = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<std::remove_reference_t<decltype(Kernel)>>();
   return h;
 }
-static auto& normalize_backward_op() {
-  static auto h = op<decltype(normalize_backward_cpu)>("batchless_nb::normalize_backward");
-  return h;
-}
-static auto& nll_op() {
-  static auto h = op<decltype(gaussian_nll_cpu)>("batchless_nb::gaussian_nll");
-  return h;
-}
-static auto& nll_backward_op() {
-  static auto h = op<decltype(gaussian_nll_backward_cpu)>("batchless_nb::gaussian_nll_backward");
-  return h;
-}
+static auto& normalize_op() { return op<normalize_cpu>("batchless_nb::normalize"); }
+static auto& normalize_backward_op() { return op<normalize_backward_cpu>("batchless_nb::normalize_backward"); }
+static auto& nll_op() { return op<gaussian_nll_cpu>("batchless_nb::gaussian_nll"); }
+static auto& nll_backward_op() { return op<gaussian_nll_backward_cpu>("batchless_nb::gaussian_nll_backward"); }
 
 // ---- Autograd: two nodes (the output's and the NLL's, so that the output and the NLL may be backpropagated in
 // separate calls, as with torch's path), each calling its op below autograd ----

@@ -50,9 +50,14 @@ std::tuple<Tensor, Tensor> normalize_cpu(const Tensor& x, const Tensor& mu_, con
   Tensor mu = mu_.contiguous(), p = p_.contiguous(), weight, bias;
   if (weight_.has_value()) weight = weight_->contiguous();
   if (bias_.has_value()) bias = bias_->contiguous();
-  for (const Tensor* t : {&mu, &p, &weight, &bias})
-    TORCH_CHECK(!t->defined() || t->numel() == C, "BatchlessNorm's C++ kernel expected per-channel tensors of ", C,
+  for (const Tensor* t : {&mu, &p, &weight, &bias}) {
+    if (!t->defined()) continue;
+    TORCH_CHECK(t->numel() == C, "BatchlessNorm's C++ kernel expected per-channel tensors of ", C,
                 " values, as the input's channels (got ", t->numel(), ")");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_cpu(), "BatchlessNorm's C++ kernel expected per-channel "
+                "tensors of the input's dtype ", x.scalar_type(), " on the CPU (got ", t->scalar_type(), " on ",
+                t->device(), ")");
+  }
   const double k = mean_reduction ? 1.0 / C : 1.0, count = double(N) * S;
   Tensor out = at::empty_like(x), chan = at::empty({ROWS, C}, mu.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batchless_normalize_forward", [&] {

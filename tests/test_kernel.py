@@ -148,6 +148,14 @@ def test_ops_pass_torch_library_opcheck():
     torch.testing.assert_close((out, nll), (ref_out, ref_nll))
 
 
+def test_ops_called_directly_refuse_per_channel_tensors_of_another_dtype():
+    "The ops are public (torch.ops.batchless_nb): one called with mismatched dtypes raises instead of misreading memory"
+    kernel.build_cpp_kernel()
+    x, (mu, p, w, b), _ = _inputs((2, 3, 4, 4), 1, True, 'log')
+    with pytest.raises(RuntimeError, match="tensors of the input's dtype Double on the CPU.*got Float on cpu"):
+        torch.ops.batchless_nb.normalize(x, mu.float(), p, w, b, 0, 1e-5, True, True, True)
+
+
 @pytest.mark.parametrize('use_nll', [True, False])
 def test_a_layer_trained_by_the_kernel_is_garbage_collected(kernel_calls, use_nll):
     with use_cpp_kernel(): assert collected_after_training(lambda: BatchlessNorm2d(3), use_nll)

@@ -40,6 +40,14 @@ static const char* kFirstOrder = "BatchlessNorm's C++ kernel computes first-orde
 
 // ---- The CPU kernels of the library's four ops (schemas at the end): each allocates what it returns ----
 
+// The rows `chan` of a forward whose input had `like`'s dtype and C channels at dim 1 (or C values, for mu)
+static void check_rows(const Tensor& chan, const Tensor& like) {
+  const int64_t C = like.dim() >= 2 ? like.size(1) : like.numel();
+  TORCH_CHECK(chan.dim() == 2 && chan.size(0) == ROWS && chan.size(1) == C && chan.scalar_type() == like.scalar_type(),
+              "BatchlessNorm's C++ kernel expected the (", int(ROWS), ", ", C, ") rows of its forward in ",
+              like.scalar_type(), " (got ", chan.sizes(), " in ", chan.scalar_type(), ")");
+}
+
 // (out, chan): the output d * gamma / sigma + beta with d = x - mu, and the per-channel rows, in one pass over x
 std::tuple<Tensor, Tensor> normalize_cpu(const Tensor& x, const Tensor& mu_, const Tensor& p_,
     const optional<Tensor>& weight_, const optional<Tensor>& bias_, int64_t kind, double eps, bool gauge,
@@ -99,6 +107,10 @@ std::tuple<Tensor, Tensor> normalize_cpu(const Tensor& x, const Tensor& mu_, con
 // (grad x, grad gamma, grad beta; undefined where not asked for): closed form, in one pass over x and grad
 std::tuple<Tensor, Tensor, Tensor> normalize_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& chan,
                                                           bool has_weight, bool has_bias) {
+  check_rows(chan, x);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(), "BatchlessNorm's C++ kernel expected "
+              "a gradient of the input's shape ", x.sizes(), " and dtype ", x.scalar_type(), " (got ", grad.sizes(), ", ",
+              grad.scalar_type(), ")");
   const Tensor g = grad.contiguous();
   const int64_t N = x.size(0), C = x.size(1), S = x.numel() / std::max<int64_t>(N * C, 1);
   Tensor gx = at::empty_like(x), gw, gb;
@@ -132,6 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> normalize_backward_cpu(const Tensor& grad, co
 
 // The NLL, summed from the rows; mu and p are its inputs for autograd only (the rows hold what it needs of them)
 Tensor gaussian_nll_cpu(const Tensor& mu, const Tensor& p, const Tensor& chan) {
+  check_rows(chan, mu);
   const int64_t C = chan.size(1);
   double nll = 0;
   AT_DISPATCH_FLOATING_TYPES(chan.scalar_type(), "batchless_nll_forward", [&] {
@@ -143,6 +156,9 @@ Tensor gaussian_nll_cpu(const Tensor& mu, const Tensor& p, const Tensor& chan) {
 
 // (grad mu, grad p): the rows' NLL gradients times the incoming gradient
 std::tuple<Tensor, Tensor> gaussian_nll_backward_cpu(const Tensor& grad, const Tensor& chan) {
+  TORCH_CHECK(grad.numel() == 1 && grad.scalar_type() == chan.scalar_type() && chan.dim() == 2 && chan.size(0) == ROWS,
+              "BatchlessNorm's C++ kernel expected one gradient of the rows' dtype ", chan.scalar_type(), " and (", int(ROWS),
+              ", C) rows (got ", grad.numel(), " values of ", grad.scalar_type(), ", rows ", chan.sizes(), ")");
   const int64_t C = chan.size(1);
   Tensor gmu = at::empty({C}, chan.options()), gp = at::empty({C}, chan.options());
   AT_DISPATCH_FLOATING_TYPES(chan.scalar_type(), "batchless_nll_backward", [&] {

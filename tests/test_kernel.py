@@ -148,12 +148,19 @@ def test_ops_pass_torch_library_opcheck():
     torch.testing.assert_close((out, nll), (ref_out, ref_nll))
 
 
-def test_ops_called_directly_refuse_per_channel_tensors_of_another_dtype():
-    "The ops are public (torch.ops.batchless_nb): one called with mismatched dtypes raises instead of misreading memory"
+def test_ops_called_directly_refuse_tensors_of_another_dtype():
+    "The ops are public (torch.ops.batchless_nb): one called with mismatched dtypes or shapes raises instead of misreading memory"
     kernel.build_cpp_kernel()
     x, (mu, p, w, b), _ = _inputs((2, 3, 4, 4), 1, True, 'log')
     with pytest.raises(RuntimeError, match="tensors of the input's dtype Double on the CPU.*got Float on cpu"):
         torch.ops.batchless_nb.normalize(x, mu.float(), p, w, b, 0, 1e-5, True, True, True)
+    out, chan = torch.ops.batchless_nb.normalize(x, mu, p, w, b, 0, 1e-5, True, True, True)
+    with pytest.raises(RuntimeError, match=r"gradient of the input's shape .* and dtype Double \(got .*Float\)"):
+        torch.ops.batchless_nb.normalize_backward(out.float(), x, chan, True, True)
+    with pytest.raises(RuntimeError, match=r"the \(8, 3\) rows of its forward in Double \(got \[8, 3\] in Float\)"):
+        torch.ops.batchless_nb.gaussian_nll(mu, p, chan.float())
+    with pytest.raises(RuntimeError, match="one gradient of the rows' dtype Double"):
+        torch.ops.batchless_nb.gaussian_nll_backward(torch.ones((), dtype=torch.float32), chan)
 
 
 @pytest.mark.parametrize('use_nll', [True, False])
